@@ -1,0 +1,5 @@
+"""``python -m p2pnode`` runs the command line."""
+
+from p2pnode.cli import main
+
+main()
