@@ -45,9 +45,10 @@ def test_encoding_is_canonical_whatever_the_insertion_order(value: Any) -> None:
 @given(st.binary(max_size=300))
 def test_random_input_raises_only_decode_error(data: bytes) -> None:
     try:
-        codec.decode(data)
+        decoded = codec.decode(data)
     except DecodeError:
-        pass
+        return
+    assert codec.encode(decoded) == data  # anything accepted is exactly canonical
 
 
 @given(values, st.data())
