@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,9 @@ def write_private_file(path: Path, data: bytes) -> None:
     renamed over ``path``; then the directory is flushed so the rename itself is durable. On any
     failure the temporary file is removed and ``path`` is left as it was.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A random name: a crash can leave a temp file behind, and a later process (perhaps with
+    # the same pid, as PID 1 in a container) must not trip over it.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as handle:
