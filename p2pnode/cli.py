@@ -20,7 +20,7 @@ from p2pnode.keyfile import Passphrase
 from p2pnode.keystore import init_node, read_identity_key
 from p2pnode.nodeid import NodeId
 
-PASSPHRASE_ENV: Final = "P2PNODE_PASSPHRASE"
+PASSPHRASE_ENV: Final = "P2PNODE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 #: A passphrase file larger than this is surely the wrong file.
 MAX_PASSPHRASE_FILE_SIZE: Final = 4096
 
@@ -47,9 +47,7 @@ def home_option(func: F) -> F:
 
 def json_option(func: F) -> F:
     """The ``--json`` option of every command that prints data."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(
-        func
-    )
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(func)
 
 
 def _read_passphrase(passphrase_file: Path | None) -> Passphrase | None:
@@ -142,4 +140,3 @@ def show_id(home: Path | None, as_json: bool) -> None:
         {"id": node_id, "home": str(node_home.path), "identity_key": key.hex()},
         node_id,
     )
-
