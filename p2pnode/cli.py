@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 error (the message says what and how to fix it), 2 usag
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,9 @@ from typing import Any, Final, TypeVar
 import click
 
 from p2pnode import __version__
+from p2pnode.daemon import run_dht_only
+from p2pnode.dht.seeds import SeedError, default_seeds, parse_host_port, read_seed_list
+from p2pnode.dht.service import DhtConfig
 from p2pnode.home import HOME_ENV, HomeError, NodeHome, resolve_home
 from p2pnode.keyfile import Passphrase
 from p2pnode.keystore import init_node, read_identity_key
@@ -140,3 +145,102 @@ def show_id(home: Path | None, as_json: bool) -> None:
         {"id": node_id, "home": str(node_home.path), "identity_key": key.hex()},
         node_id,
     )
+
+
+def _configure_logging(verbose: int, quiet: int) -> None:
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(level, logging.CRITICAL)),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _seed_addresses(bootstrap: tuple[str, ...], seeds_file: Path | None) -> list[tuple[str, int]]:
+    try:
+        if bootstrap or seeds_file:
+            chosen = [parse_host_port(text) for text in bootstrap]
+            if seeds_file is not None:
+                chosen += read_seed_list(seeds_file)
+            return chosen
+        return default_seeds()
+    except SeedError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bootstrap/--seeds") from exc
+
+
+@main.command()
+@home_option
+@click.option(
+    "--dht-only",
+    is_flag=True,
+    help="Run only the DHT (a bootstrap node): no identity, no messages.",
+)
+@click.option(
+    "--dht-host",
+    default="0.0.0.0",  # noqa: S104 (a DHT node must be reachable by its peers)
+    show_default=True,
+    help="Address to bind the DHT's UDP socket to.",
+)
+@click.option(
+    "--dht-port",
+    type=click.IntRange(0, 65535),
+    default=4000,
+    show_default=True,
+    help="UDP port of the DHT (0 picks a free one).",
+)
+@click.option(
+    "--bootstrap",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A DHT peer to join through (repeatable). Default: the packaged seed list.",
+)
+@click.option(
+    "--seeds",
+    "seeds_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A seed list file (one HOST:PORT per line) to join through.",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output.")
+def daemon(
+    home: Path | None,
+    dht_only: bool,
+    dht_host: str,
+    dht_port: int,
+    bootstrap: tuple[str, ...],
+    seeds_file: Path | None,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Run a node in the foreground until SIGTERM or Ctrl-C.
+
+    With --dht-only it is a DHT bootstrap node; it prints "listening on HOST:PORT node-id
+    HEX" once it is up. Known peers are kept in the home (if given) so that a restarted node
+    rejoins even when every seed is down.
+    """
+    if not dht_only:
+        raise click.UsageError(
+            "this version runs only DHT nodes: add --dht-only. The messaging daemon (links, "
+            "control API) is not built yet."
+        )
+    _configure_logging(verbose, quiet)
+    peers_file = None
+    if home is not None or os.environ.get(HOME_ENV):
+        node_home = NodeHome(resolve_home(home))
+        try:
+            node_home.create()
+        except HomeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        peers_file = node_home.dht_peers
+    config = DhtConfig(
+        listen=(dht_host, dht_port),
+        seeds=_seed_addresses(bootstrap, seeds_file),
+        peers_file=peers_file,
+    )
+    try:
+        run_dht_only(config)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {dht_host}:{dht_port}/udp: {exc.strerror or exc}"
+        ) from exc

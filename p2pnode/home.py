@@ -70,6 +70,11 @@ class NodeHome:
         return self.path / "node.db"
 
     @property
+    def dht_peers(self) -> Path:
+        """DHT peers remembered across restarts (JSON)."""
+        return self.path / "dht-peers.json"
+
+    @property
     def api_socket(self) -> Path:
         """The control API's Unix socket."""
         return self.path / "api.sock"

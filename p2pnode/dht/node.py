@@ -186,6 +186,10 @@ class DhtNode:
         """This node's 20-byte DHT ID."""
         return self.protocol.node_id
 
+    def now_ms(self) -> int:
+        """The wall clock this node signs and checks records with, in milliseconds."""
+        return self._wall_clock_ms()
+
     # --- the loops ---------------------------------------------------------------------------
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

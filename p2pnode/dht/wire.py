@@ -203,19 +203,25 @@ def parse_contacts(value: Any) -> list[Contact]:
     """
     if not isinstance(value, list) or len(value) > MAX_CONTACTS_PER_REPLY:
         raise WireError("bad-reply", "contacts are not a list of at most 32")
-    contacts = []
-    for entry in value:
-        if not isinstance(entry, list) or len(entry) != 3:
-            raise WireError("bad-reply", "contact is not [id, host, port]")
-        node_id, host, port = entry
-        if not isinstance(node_id, bytes) or len(node_id) != NODE_ID_SIZE:
-            raise WireError("bad-reply", "contact ID is not 20 bytes")
-        if not isinstance(host, str) or not _is_ip(host):
-            raise WireError("bad-reply", "contact host is not an IP address")
-        if type(port) is not int or not 1 <= port <= 65535:
-            raise WireError("bad-reply", "contact port out of range")
-        contacts.append(Contact(node_id, host, port))
-    return contacts
+    return [parse_contact(entry) for entry in value]
+
+
+def parse_contact(entry: Any) -> Contact:
+    """Check one ``[id, host, port]`` contact entry.
+
+    Raises:
+        WireError: ``bad-reply`` naming what is wrong.
+    """
+    if not isinstance(entry, list) or len(entry) != 3:
+        raise WireError("bad-reply", "contact is not [id, host, port]")
+    node_id, host, port = entry
+    if not isinstance(node_id, bytes) or len(node_id) != NODE_ID_SIZE:
+        raise WireError("bad-reply", "contact ID is not 20 bytes")
+    if not isinstance(host, str) or not _is_ip(host):
+        raise WireError("bad-reply", "contact host is not an IP address")
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise WireError("bad-reply", "contact port out of range")
+    return Contact(node_id, host, port)
 
 
 def _is_ip(host: str) -> bool:
