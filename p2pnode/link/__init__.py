@@ -1,0 +1,1 @@
+"""Direct links between nodes: an authenticated, forward-secret handshake, then encrypted frames."""
