@@ -665,7 +665,8 @@ class Store:
         """Wrap an open, configured and migrated connection. Use :meth:`Store.open` instead."""
         self._conn: sqlite3.Connection | None = conn
         self._path = path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by writes inside batch()
+        self._in_batch = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -764,12 +765,48 @@ class Store:
         return StoreError(f"{self._path}: {doing} failed: {exc}")
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the changes made inside the block into one durable commit (group commit).
+
+        Inside the block each change still succeeds or fails as a whole (it runs under a
+        savepoint), but nothing is durable until the block ends: callers must not acknowledge
+        any of the batched changes to anyone before it has. If the block raises, every change
+        in it is rolled back. Batches do not nest.
+
+        Raises:
+            StoreError: if the commit fails (nothing of the batch was written), or on nesting.
+        """
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreError(f"{self._path}: batch failed: the store is closed")
+            if self._in_batch:
+                raise StoreError(f"{self._path}: batches do not nest")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                self._in_batch = True
+                try:
+                    yield
+                    conn.execute("COMMIT")
+                finally:
+                    self._in_batch = False
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._failure(exc, "batch") from exc
+
+    @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """Run the block in one IMMEDIATE transaction; commit durably or roll back."""
+        """Run the block in one IMMEDIATE transaction (a savepoint inside :meth:`batch`);
+        commit durably or roll back."""
         with self._lock:
             conn = self._conn
             if conn is None:
                 raise StoreError(f"{self._path}: {doing} failed: the store is closed")
+            if self._in_batch:
+                with self._savepoint(conn, doing):
+                    yield conn
+                return
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -781,6 +818,20 @@ class Store:
                         conn.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 raise self._failure(exc, doing) from exc
+
+    @contextmanager
+    def _savepoint(self, conn: sqlite3.Connection, doing: str) -> Iterator[None]:
+        try:
+            conn.execute("SAVEPOINT op")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK TO op")
+                raise
+            finally:
+                conn.execute("RELEASE op")
+        except sqlite3.Error as exc:
+            raise self._failure(exc, doing) from exc
 
     @contextmanager
     def _read(self, doing: str) -> Iterator[sqlite3.Connection]:

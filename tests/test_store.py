@@ -878,3 +878,36 @@ def test_concurrent_calls_do_not_interleave_transactions(store: Store) -> None:
             future.result()  # re-raises a worker's exception
     assert store.outbox_counts()[DeliveryState.QUEUED] == 200
     assert store.unread_count() == 200
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def test_batch_commits_all_changes_once_at_the_end(store: Store, db_path: Path) -> None:
+    with store.batch():
+        for n in range(5):
+            assert store.accept_incoming(mid(n), key(1), b"x", T0, T0)
+        # Not durable yet: another connection does not see the batch.
+        assert raw(db_path).execute("SELECT count(*) FROM inbox").fetchone()[0] == 0
+    assert raw(db_path).execute("SELECT count(*) FROM inbox").fetchone()[0] == 5
+
+
+def test_failed_change_inside_a_batch_leaves_the_others(store: Store) -> None:
+    with store.batch():
+        store.enqueue(mid(1), key(1), b"a", T0, T0 + 1)
+        with pytest.raises(DuplicateMessageError):
+            store.enqueue(mid(1), key(1), b"again", T0, T0 + 1)
+        store.enqueue(mid(2), key(1), b"b", T0, T0 + 1)
+    assert store.outbox_counts()[DeliveryState.QUEUED] == 2
+
+
+def test_batch_that_raises_writes_nothing(store: Store) -> None:
+    with pytest.raises(RuntimeError), store.batch():
+        store.enqueue(mid(1), key(1), b"a", T0, T0 + 1)
+        raise RuntimeError("caller failed before acknowledging")
+    assert store.outbox_get(mid(1)) is None
+
+
+def test_batches_do_not_nest(store: Store) -> None:
+    with store.batch(), pytest.raises(StoreError, match="do not nest"), store.batch():
+        pass
