@@ -296,9 +296,12 @@ def make_receipt(recipient: nacl.signing.SigningKey, message: Message, *, now_ms
 
 
 def open_receipt(
-    data: bytes, *, own_identity: bytes, peer_identity: bytes, message_id: bytes
+    data: bytes, *, own_identity: bytes, peer_identity: bytes, message_id: bytes | None
 ) -> Receipt:
     """Verify a receipt for ``message_id``, which this node sent to ``peer_identity``.
+
+    With ``message_id=None`` any id is accepted and the caller must check the returned id
+    against what it sent to that peer (the node service looks it up in its outbox).
 
     The receipt's timestamp is reported, not checked against a window: a late receipt for a
     message we did send is still proof of delivery.
@@ -321,6 +324,6 @@ def open_receipt(
         ("to", own_identity, "addressed to another sender"),
         ("id", message_id, "for another message"),
     ):
-        if fields[name] != expected:
+        if expected is not None and fields[name] != expected:
             raise EnvelopeError(Rejection.RECEIPT_MISMATCH, f"the receipt is {what}")
     return Receipt(fields["id"], fields["from"], fields["to"], fields["ts"])

@@ -1,0 +1,532 @@
+"""The node service: durable sending, delivery with retries, receiving with receipts.
+
+``send`` writes the message to the outbox and returns once that write is durable; delivery
+then runs in the background: find the recipient's record (peer cache first, then the DHT),
+reach it over a link, send the sealed envelope, and mark the message delivered when the
+recipient's signed receipt comes back. Failed attempts are retried with exponential backoff and
+jitter until the message expires (default 7 days), when it is marked failed with the reason.
+
+Receiving: an envelope is opened and verified, stored durably in the inbox, and only then
+acknowledged with a receipt. A duplicate id is acknowledged again and stored once. Each peer's
+envelopes pass a token bucket; a flooding peer's link is simply read more slowly, which slows
+that peer and no other.
+
+Crash safety follows from the order of those steps: nothing is acknowledged before it is
+durable, and message ids make every repetition harmless.
+
+Resource handling: :meth:`NodeService.run` owns the store worker, the link manager and every
+delivery task; cancelling it stops them (a commit in progress completes first).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+
+from p2pnode.dht.records import PeerRecord, RecordError, SignedRecord, dht_key, verify_record
+from p2pnode.envelope import (
+    MAX_BODY_SIZE,
+    EnvelopeError,
+    Message,
+    make_receipt,
+    new_message_id,
+    open_message,
+    open_receipt,
+    seal_message,
+)
+from p2pnode.identity import Identity
+from p2pnode.link.frames import Frame, FrameKind
+from p2pnode.link.manager import Link, LinkError, LinkManager
+from p2pnode.ratelimit import KeyedLimiter
+from p2pnode.store import DeliveryState, OutboxEntry, Store
+from p2pnode.storeworker import StoreWorker
+
+log = logging.getLogger(__name__)
+
+DAY_MS: Final = 24 * 60 * 60 * 1000
+#: A message not delivered within this long is marked failed.
+DEFAULT_EXPIRY_MS: Final = 7 * DAY_MS
+#: Backoff after the n-th failed attempt: uniformly random between half and all of
+#: ``min(BASE * 2**n, MAX)`` ("equal jitter"), so retries of many senders spread out.
+BACKOFF_BASE_MS: Final = 1000
+BACKOFF_MAX_MS: Final = 60 * 60 * 1000
+#: A sent message whose receipt has not come within this long is sent again.
+RECEIPT_TIMEOUT_MS: Final = 30_000
+#: Seconds between scans of the outbox for due messages when nothing wakes the scanner.
+DELIVERY_SCAN_INTERVAL: Final = 1.0
+#: Due messages taken per scan.
+DELIVERY_BATCH: Final = 1000
+#: Seconds to find a recipient's record in the DHT.
+LOOKUP_TIMEOUT: Final = 10.0
+#: Envelopes accepted per second from one peer, sustained, and as a burst. Well above what an
+#: honest node sends; a flooding peer is read at this pace.
+INCOMING_PER_SECOND: Final = 5000.0
+INCOMING_BURST: Final = 10_000.0
+_FAR_FUTURE_MS: Final = 2**62
+#: Events buffered per subscriber; a subscriber that falls further behind misses events
+#: (counted), it never slows the node.
+SUBSCRIBER_BUFFER: Final = 1000
+
+
+class PeerDirectory(Protocol):
+    """Where the node finds other nodes' records (the DHT, or a fixed table in tests)."""
+
+    async def find_record(
+        self, identity_key: bytes, *, timeout: float | None = None
+    ) -> SignedRecord:
+        """The current valid record of ``identity_key``; raises LookupError or TimeoutError."""
+        ...
+
+
+class EventKind(enum.Enum):
+    """What a subscriber hears about."""
+
+    MESSAGE = "message"  # a new message was stored in the inbox
+    DELIVERY = "delivery"  # an outgoing message changed state
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """A notification for subscribers (the control API's event stream)."""
+
+    kind: EventKind
+    message_id: bytes
+    peer: bytes
+    state: DeliveryState | None = None
+    body: bytes | None = None
+    sent_at: int | None = None
+    received_at: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class NodeConfig:
+    """Tunables of the node service (defaults are the documented constants)."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    expiry_ms: int = DEFAULT_EXPIRY_MS
+    receipt_timeout_ms: int = RECEIPT_TIMEOUT_MS
+    incoming_per_second: float = INCOMING_PER_SECOND
+    incoming_burst: float = INCOMING_BURST
+    lookup_timeout: float = LOOKUP_TIMEOUT
+
+
+def backoff_ms(attempts: int, rng: random.Random) -> int:
+    """Delay before the next attempt after ``attempts`` failures (see :data:`BACKOFF_BASE_MS`)."""
+    ceiling = min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** min(attempts, 32))
+    return int(rng.uniform(ceiling / 2, ceiling))
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+class NodeService:
+    """A messaging node: identity, store, links and a peer directory, put to work.
+
+    Args:
+        identity: this node's keys.
+        store: its durable store (the service serialises all access to it).
+        directory: where recipients' records are found.
+        config: see :class:`NodeConfig`.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        store: Store,
+        directory: PeerDirectory,
+        *,
+        config: NodeConfig | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.config = config or NodeConfig()
+        self.worker = StoreWorker(store)
+        self.directory = directory
+        self.links = LinkManager(identity.signing_key, self._on_frame)
+        self._clock = clock
+        self._rng = rng or random.SystemRandom()
+        self._incoming = KeyedLimiter(self.config.incoming_per_second, self.config.incoming_burst)
+        self._wake = trio.Event()
+        # Per recipient with a delivery task: the messages waiting for it, by id.
+        self._queues: dict[bytes, dict[bytes, OutboxEntry]] = {}
+        # Per recipient: messages sent and awaiting their receipt, by id, with when sent.
+        self._awaiting: dict[bytes, dict[bytes, float]] = {}
+        self._awaiting_recipient: dict[bytes, bytes] = {}  # message id -> recipient
+        self._state_changed: dict[bytes, trio.Event] = {}
+        self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
+        self._nursery: trio.Nursery | None = None
+        self._progress = trio.Event()  # set when receipts arrive
+        #: Counters: messages sent, received, duplicates, rejections by reason, and so on.
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def public_key(self) -> bytes:
+        """This node's identity key."""
+        return self.identity.public_key
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the store worker, the link listener and delivery; report readiness with
+        ``task_status.started(self)`` once links are listening."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.worker.run)
+            await nursery.start(self.links.serve, *self.config.listen)
+            nursery.start_soon(self._delivery_loop)
+            task_status.started(self)
+
+    def own_record(self, seq: int, addresses: Sequence[tuple[str, int]]) -> SignedRecord:
+        """Our signed peer record advertising ``addresses``."""
+        return PeerRecord.create(self.identity, addresses, seq=seq, now_ms=self._clock())
+
+    # --- sending -----------------------------------------------------------------------------
+
+    async def send(self, recipient: bytes, body: bytes) -> bytes:
+        """Queue ``body`` for ``recipient``; returns the message id once the outbox row is
+        durable. Delivery continues in the background, across restarts.
+
+        Raises:
+            ValueError: for a recipient key that is not 32 bytes, or a body over
+                :data:`MAX_BODY_SIZE`.
+        """
+        if len(recipient) != 32:
+            raise ValueError("a recipient is a 32-byte identity key")
+        if len(body) > MAX_BODY_SIZE:
+            raise ValueError(f"the message body is {len(body)} bytes; the limit is {MAX_BODY_SIZE}")
+        message_id = new_message_id()
+        now = self._clock()
+        expires = now + self.config.expiry_ms
+        entry = await self.worker.write(
+            lambda s: s.enqueue(message_id, recipient, body, now, expires)
+        )
+        self.stats["queued"] += 1
+        if self._nursery is not None:
+            self._dispatch([entry])  # straight to delivery; the outbox scan covers retries
+        return message_id
+
+    async def message_state(self, message_id: bytes) -> OutboxEntry | None:
+        """The outbox entry of ``message_id`` (None if unknown)."""
+        return await self.worker.read(lambda s: s.outbox_get(message_id))
+
+    async def wait_for_outcome(self, message_id: bytes) -> OutboxEntry:
+        """Wait until ``message_id`` is delivered or failed; returns its entry.
+
+        Raises:
+            KeyError: if no such message was sent from this node.
+        """
+        while True:
+            changed = self._state_changed.setdefault(message_id, trio.Event())
+            entry = await self.message_state(message_id)
+            if entry is None:
+                raise KeyError(message_id.hex())
+            if entry.state in (DeliveryState.DELIVERED, DeliveryState.FAILED):
+                return entry
+            await changed.wait()
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[NodeEvent]:
+        """A channel of :class:`NodeEvent`; close it to unsubscribe."""
+        send, receive = trio.open_memory_channel[NodeEvent](SUBSCRIBER_BUFFER)
+        self._subscribers.append(send)
+        return receive
+
+    def _publish(self, event: NodeEvent) -> None:
+        if event.kind is EventKind.DELIVERY:
+            changed = self._state_changed.pop(event.message_id, None)
+            if changed is not None:
+                changed.set()
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self.stats["event-dropped"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(channel)
+
+    # --- delivery ----------------------------------------------------------------------------
+
+    async def _delivery_loop(self) -> None:
+        # At start every pending message is due: a "sent" one from before a restart has no
+        # link left to bring its receipt.
+        everything = True
+        while True:
+            now = self._clock()
+            expired = await self.worker.write(functools.partial(Store.outbox_expire, now=now))
+            for message_id in expired:
+                self._receipt_settled(message_id)
+                self._publish(
+                    NodeEvent(
+                        EventKind.DELIVERY, message_id, b"", DeliveryState.FAILED, error="expired"
+                    )
+                )
+            until = _FAR_FUTURE_MS if everything else now
+            everything = False
+            due = await self.worker.read(
+                functools.partial(Store.outbox_due, now=until, limit=DELIVERY_BATCH)
+            )
+            self._dispatch(due)
+            with trio.move_on_after(DELIVERY_SCAN_INTERVAL):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def _dispatch(self, due: list[OutboxEntry]) -> None:
+        assert self._nursery is not None
+        stale = trio.current_time() - self.config.receipt_timeout_ms / 1000
+        for entry in due:
+            awaiting = self._awaiting.get(entry.recipient, {})
+            sent_at = awaiting.get(entry.message_id)
+            if sent_at is not None and sent_at > stale:
+                continue  # sent recently; its receipt may still come
+            queue = self._queues.get(entry.recipient)
+            if queue is None:
+                self._queues[entry.recipient] = {entry.message_id: entry}
+                self._nursery.start_soon(self._deliver_to, entry.recipient)
+            else:
+                queue.setdefault(entry.message_id, entry)
+                self._progressed()
+
+    async def _deliver_to(self, recipient: bytes) -> None:
+        """Deliver everything queued for ``recipient`` over one link, until its queue is
+        empty and its receipts are in (or the receipt timeout passes)."""
+        queue = self._queues[recipient]
+        try:
+            try:
+                record, link = await self._reach(recipient)
+            except (LinkError, LookupError, TimeoutError, RecordError) as exc:
+                await self._attempt_failed(list(queue.values()), f"cannot reach it: {exc}")
+                queue.clear()
+                return
+            while queue or self._awaiting.get(recipient):
+                batch = list(queue.values())
+                queue.clear()
+                if batch:
+                    try:
+                        await self._send_batch(link, record, batch)
+                    except LinkError as exc:
+                        await self._attempt_failed(batch, f"link lost: {exc}")
+                        return
+                with trio.move_on_after(self.config.receipt_timeout_ms / 1000):
+                    await self._wait_progress(recipient, link)
+                if link.closed.is_set():
+                    lost = list(self._awaiting.get(recipient, {}))
+                    await self._retry_ids(lost, "link closed before the receipt came")
+                    return
+                if not queue and self._awaiting.get(recipient):
+                    # Timed out waiting: the outbox scan resends what is still unreceipted.
+                    return
+        finally:
+            if self._queues.get(recipient) is queue:
+                del self._queues[recipient]
+                if queue:
+                    self._wake.set()
+
+    async def _wait_progress(self, recipient: bytes, link: Link) -> None:
+        """Return when new messages for ``recipient`` are queued, all its receipts are in, or
+        the link closes."""
+        while not (
+            link.closed.is_set() or self._queues.get(recipient) or not self._awaiting.get(recipient)
+        ):
+            with trio.move_on_after(1.0):  # also notices the link closing
+                await self._progress.wait()
+
+    def _progressed(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _receipt_settled(self, message_id: bytes) -> None:
+        recipient = self._awaiting_recipient.pop(message_id, None)
+        if recipient is not None:
+            awaiting = self._awaiting.get(recipient)
+            if awaiting is not None:
+                awaiting.pop(message_id, None)
+                if not awaiting:
+                    del self._awaiting[recipient]
+
+    async def _reach(self, recipient: bytes) -> tuple[PeerRecord, Link]:
+        link = self.links.get(recipient)
+        record = await self._resolve(recipient, refresh=False)
+        if link is not None:
+            return record, link
+        try:
+            return record, await self.links.connect(recipient, record.addresses)
+        except LinkError:
+            fresh = await self._resolve(recipient, refresh=True)
+            if fresh.addresses == record.addresses:
+                raise
+            return fresh, await self.links.connect(recipient, fresh.addresses)
+
+    async def _resolve(self, recipient: bytes, *, refresh: bool) -> PeerRecord:
+        key = dht_key(recipient)
+        if not refresh:
+            cached = await self.worker.read(lambda s: s.peer_get(recipient))
+            if cached is not None:
+                try:
+                    return verify_record(cached[0], key=key, now_ms=self._clock()).record
+                except RecordError:
+                    pass  # expired or superseded: look it up afresh
+        signed = await self.directory.find_record(recipient, timeout=self.config.lookup_timeout)
+        now = self._clock()
+        await self.worker.write(
+            lambda s: s.peer_put(recipient, signed.data, signed.record.seq, now)
+        )
+        return signed.record
+
+    async def _send_batch(self, link: Link, record: PeerRecord, batch: list[OutboxEntry]) -> None:
+        now = self._clock()
+        sent_at = trio.current_time()
+        for entry in batch:
+            _, wire = seal_message(
+                self.identity.signing_key,
+                entry.recipient,
+                record.encryption_key,
+                entry.body,
+                now_ms=now,
+                message_id=entry.message_id,
+            )
+            link.send(FrameKind.ENVELOPE, wire)
+            self._awaiting.setdefault(entry.recipient, {})[entry.message_id] = sent_at
+            self._awaiting_recipient[entry.message_id] = entry.recipient
+        self.stats["sent"] += len(batch)
+        retry_at = now + self.config.receipt_timeout_ms
+        ids = [entry.message_id for entry in batch]
+
+        def mark(store: Store) -> None:
+            for message_id in ids:
+                store.mark_sent(message_id, now, retry_at)
+
+        def marked(_result: None, _error: BaseException | None) -> None:
+            self._wake.set()  # marked entries leave the due list: the scan can see further
+
+        await self.worker.submit(mark, marked)
+
+    async def _attempt_failed(self, entries: list[OutboxEntry], error: str) -> None:
+        now = self._clock()
+        plans = [(e.message_id, now + backoff_ms(e.attempts, self._rng)) for e in entries]
+        for message_id, _ in plans:
+            self._receipt_settled(message_id)
+
+        def record(store: Store) -> None:
+            for message_id, at in plans:
+                store.record_attempt_failure(message_id, now, at, error)
+
+        if plans:
+            self.stats["attempt-failed"] += len(plans)
+            log.info("delivery of %d message(s) failed: %s", len(plans), error)
+            await self.worker.write(record)
+
+    async def _retry_ids(self, ids: list[bytes], error: str) -> None:
+        entries = await self.worker.read(lambda s: [e for i in ids if (e := s.outbox_get(i))])
+        await self._attempt_failed(
+            [e for e in entries if e.state in (DeliveryState.QUEUED, DeliveryState.SENT)], error
+        )
+        self._wake.set()
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _on_frame(self, link: Link, frame: Frame) -> None:
+        if frame.kind is FrameKind.ENVELOPE:
+            await self._on_envelope(link, frame.data)
+        elif frame.kind is FrameKind.RECEIPT:
+            await self._on_receipt(link, frame.data)
+
+    async def _on_envelope(self, link: Link, wire: bytes) -> None:
+        bucket = self._incoming.bucket(link.peer)
+        delay = bucket.wait_time(trio.current_time())
+        if delay > 0:
+            self.stats["throttled"] += 1
+            await trio.sleep(delay)  # this peer's link waits; others are unaffected
+        bucket.try_take(trio.current_time())
+        now = self._clock()
+        try:
+            message = open_message(
+                wire,
+                own_identity=self.public_key,
+                decryption_keys=self.identity.decryption_keys(now),
+                now_ms=now,
+            )
+        except EnvelopeError as exc:
+            self.stats[f"rejected:{exc.reason.value}"] += 1
+            log.info("rejected an envelope from %s: %s", link.peer.hex()[:16], exc)
+            return
+        if message.sender != link.peer:
+            self.stats["rejected:sender-is-not-link-peer"] += 1
+            return
+        receipt = make_receipt(self.identity.signing_key, message, now_ms=now)
+
+        def committed(new: bool | None, error: BaseException | None) -> None:
+            if error is not None:
+                log.error("could not store a message: %s", error)
+                return  # not acknowledged: the sender will try again
+            self._acknowledge(link, receipt, message, bool(new), now)
+
+        await self.worker.submit(
+            lambda s: s.accept_incoming(
+                message.id, message.sender, message.body, message.timestamp, now
+            ),
+            committed,
+        )
+
+    def _acknowledge(
+        self, link: Link, receipt: bytes, message: Message, new: bool, now: int
+    ) -> None:
+        self.stats["received" if new else "duplicate"] += 1
+        try:
+            link.send(FrameKind.RECEIPT, receipt)
+        except LinkError:
+            self.stats["receipt-unsent"] += 1  # the sender resends; we acknowledge then
+        if new:
+            self._publish(
+                NodeEvent(
+                    EventKind.MESSAGE,
+                    message.id,
+                    message.sender,
+                    body=message.body,
+                    sent_at=message.timestamp,
+                    received_at=now,
+                )
+            )
+
+    async def _on_receipt(self, link: Link, data: bytes) -> None:
+        try:
+            receipt = open_receipt(
+                data, own_identity=self.public_key, peer_identity=link.peer, message_id=None
+            )
+        except EnvelopeError as exc:
+            self.stats[f"rejected-receipt:{exc.reason.value}"] += 1
+            return
+        expected = self._awaiting_recipient.get(receipt.id)
+        if expected is not None and expected != link.peer:
+            self.stats["rejected-receipt:wrong-peer"] += 1
+            return
+        now = self._clock()
+        peer = link.peer
+
+        def deliver(store: Store) -> bool:
+            entry = store.outbox_get(receipt.id)
+            if entry is None or entry.recipient != peer:
+                return False
+            return store.mark_delivered(receipt.id, now)
+
+        def committed(changed: bool | None, error: BaseException | None) -> None:
+            self._receipt_settled(receipt.id)
+            self._progressed()
+            if error is None and changed:
+                self.stats["delivered"] += 1
+                self._publish(
+                    NodeEvent(EventKind.DELIVERY, receipt.id, peer, DeliveryState.DELIVERED)
+                )
+
+        await self.worker.submit(deliver, committed)
