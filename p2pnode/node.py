@@ -118,11 +118,19 @@ class NodeConfig:
     incoming_per_second: float = INCOMING_PER_SECOND
     incoming_burst: float = INCOMING_BURST
     lookup_timeout: float = LOOKUP_TIMEOUT
+    backoff_base_ms: int = BACKOFF_BASE_MS
+    backoff_max_ms: int = BACKOFF_MAX_MS
 
 
-def backoff_ms(attempts: int, rng: random.Random) -> int:
+def backoff_ms(
+    attempts: int,
+    rng: random.Random,
+    *,
+    base_ms: int = BACKOFF_BASE_MS,
+    max_ms: int = BACKOFF_MAX_MS,
+) -> int:
     """Delay before the next attempt after ``attempts`` failures (see :data:`BACKOFF_BASE_MS`)."""
-    ceiling = min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** min(attempts, 32))
+    ceiling = min(max_ms, base_ms * 2 ** min(attempts, 32))
     return int(rng.uniform(ceiling / 2, ceiling))
 
 
@@ -414,7 +422,20 @@ class NodeService:
 
     async def _attempt_failed(self, entries: list[OutboxEntry], error: str) -> None:
         now = self._clock()
-        plans = [(e.message_id, now + backoff_ms(e.attempts, self._rng)) for e in entries]
+        config = self.config
+        plans = [
+            (
+                e.message_id,
+                now
+                + backoff_ms(
+                    e.attempts,
+                    self._rng,
+                    base_ms=config.backoff_base_ms,
+                    max_ms=config.backoff_max_ms,
+                ),
+            )
+            for e in entries
+        ]
         for message_id, _ in plans:
             self._receipt_settled(message_id)
 

@@ -1,0 +1,337 @@
+"""The node service in process: delivery with receipts, retries, dedup, throttling, no plaintext.
+
+Nodes talk over real loopback TCP links; records come from a fixed directory instead of the DHT
+(the DHT has its own tests), so each test controls where a recipient can be reached.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pnode.dht.records import PeerRecord, SignedRecord
+from p2pnode.envelope import seal_message
+from p2pnode.identity import Identity
+from p2pnode.link.frames import Frame, FrameKind
+from p2pnode.link.manager import Link, LinkManager
+from p2pnode.node import EventKind, NodeConfig, NodeService, wall_clock_ms
+from p2pnode.store import DeliveryState, Store
+
+FAST = NodeConfig(backoff_base_ms=20, backoff_max_ms=100)
+
+
+class Directory:
+    """A fixed table of records, standing in for the DHT."""
+
+    def __init__(self) -> None:
+        self.records: dict[bytes, SignedRecord] = {}
+
+    def publish(
+        self, identity: Identity, addresses: Sequence[tuple[str, int]], seq: int = 1
+    ) -> None:
+        self.records[identity.public_key] = PeerRecord.create(
+            identity, addresses, seq=seq, now_ms=wall_clock_ms()
+        )
+
+    async def find_record(
+        self, identity_key: bytes, *, timeout: float | None = None
+    ) -> SignedRecord:
+        try:
+            return self.records[identity_key]
+        except KeyError:
+            raise LookupError("no record") from None
+
+
+@asynccontextmanager
+async def running(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    name: str,
+    directory: Directory,
+    *,
+    config: NodeConfig = FAST,
+    publish: bool = True,
+    identity: Identity | None = None,
+) -> AsyncIterator[NodeService]:
+    identity = identity or Identity.generate(wall_clock_ms())
+    store = Store.open(tmp_path / f"{name}.db")
+    node = NodeService(identity, store, directory, config=config)
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await node.run(task_status=task_status)
+
+    await nursery.start(run)
+    assert node.links.listen_address is not None
+    if publish:
+        directory.publish(identity, [node.links.listen_address])
+    try:
+        yield node
+    finally:
+        scope.cancel()
+        store.close()
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await trio.sleep(0.01)
+
+
+async def test_message_is_delivered_once_with_a_receipt(tmp_path: Path) -> None:
+    directory = Directory()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with (
+                running(nursery, tmp_path, "a", directory) as alice,
+                running(nursery, tmp_path, "b", directory) as bob,
+            ):
+                events = bob.subscribe()
+                message_id = await alice.send(bob.public_key, "héllo bob".encode())
+                entry = await alice.wait_for_outcome(message_id)
+                assert entry.state is DeliveryState.DELIVERED
+                event = await events.receive()
+                assert (event.kind, event.message_id, event.peer, event.body) == (
+                    EventKind.MESSAGE,
+                    message_id,
+                    alice.public_key,
+                    "héllo bob".encode(),
+                )
+                inbox = await bob.worker.read(lambda s: s.inbox_list(False, 10))
+                assert [(m.message_id, m.sender, m.body) for m in inbox] == [
+                    (message_id, alice.public_key, "héllo bob".encode())
+                ]
+                # Replies flow over the same link, in the other direction.
+                reply = await bob.send(alice.public_key, b"hi alice")
+                assert (await bob.wait_for_outcome(reply)).state is DeliveryState.DELIVERED
+                assert alice.links.open_links == 1 and bob.links.open_links == 1
+                nursery.cancel_scope.cancel()
+
+
+async def test_send_returns_only_after_the_outbox_row_is_durable(tmp_path: Path) -> None:
+    directory = Directory()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with running(nursery, tmp_path, "a", directory) as alice:
+                nobody = Identity.generate(wall_clock_ms()).public_key  # no record anywhere
+                message_id = await alice.send(nobody, b"queued")
+                # Another connection, as after a crash, sees the row at once.
+                row = (
+                    sqlite3.connect(tmp_path / "a.db")
+                    .execute("SELECT body FROM outbox WHERE id = ?", (message_id,))
+                    .fetchone()
+                )
+                assert row == (b"queued",)
+                nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_recipient_is_retried_until_it_comes_online(tmp_path: Path) -> None:
+    directory = Directory()
+    bob_identity = Identity.generate(wall_clock_ms())
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            async with running(nursery, tmp_path, "a", directory) as alice:
+                message_id = await alice.send(bob_identity.public_key, b"eventually")
+                await wait_until(lambda: alice.stats["attempt-failed"] >= 2)
+                entry = await alice.message_state(message_id)
+                assert entry is not None and entry.state is DeliveryState.QUEUED
+                assert entry.attempts >= 2 and "cannot reach" in (entry.last_error or "")
+                async with running(nursery, tmp_path, "b", directory, identity=bob_identity) as bob:
+                    entry = await alice.wait_for_outcome(message_id)
+                    assert entry.state is DeliveryState.DELIVERED
+                    assert await bob.worker.read(lambda s: s.unread_count()) == 1
+                nursery.cancel_scope.cancel()
+
+
+async def test_undeliverable_message_fails_with_the_reason_when_it_expires(tmp_path: Path) -> None:
+    directory = Directory()
+    config = NodeConfig(backoff_base_ms=20, backoff_max_ms=50, expiry_ms=300)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with running(nursery, tmp_path, "a", directory, config=config) as alice:
+                nobody = Identity.generate(wall_clock_ms()).public_key
+                message_id = await alice.send(nobody, b"never")
+                entry = await alice.wait_for_outcome(message_id)
+                assert entry.state is DeliveryState.FAILED
+                assert entry.last_error == "expired"
+                nursery.cancel_scope.cancel()
+
+
+class RawPeer:
+    """A bare link endpoint playing a sender by hand, to send exact frames."""
+
+    def __init__(self) -> None:
+        self.identity = Identity.generate(wall_clock_ms())
+        self.receipts: list[bytes] = []
+        self.links = LinkManager(self.identity.signing_key, self._on_frame)
+
+    async def _on_frame(self, link: Link, frame: Frame) -> None:
+        if frame.kind is FrameKind.RECEIPT:
+            self.receipts.append(frame.data)
+
+
+async def test_duplicate_is_acknowledged_again_and_stored_once(tmp_path: Path) -> None:
+    directory = Directory()
+    raw = RawPeer()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(raw.links.serve)
+            async with running(nursery, tmp_path, "b", directory) as bob:
+                record = directory.records[bob.public_key].record
+                _, wire = seal_message(
+                    raw.identity.signing_key,
+                    bob.public_key,
+                    record.encryption_key,
+                    b"once",
+                    now_ms=wall_clock_ms(),
+                )
+                link = await raw.links.connect(bob.public_key, record.addresses)
+                link.send(FrameKind.ENVELOPE, wire)
+                link.send(FrameKind.ENVELOPE, wire)
+                await wait_until(lambda: len(raw.receipts) == 2)
+                assert raw.receipts[0] != b""
+                assert bob.stats["received"] == 1 and bob.stats["duplicate"] == 1
+                assert await bob.worker.read(lambda s: s.unread_count()) == 1
+                nursery.cancel_scope.cancel()
+
+
+async def test_envelope_from_someone_other_than_the_link_peer_is_refused(tmp_path: Path) -> None:
+    directory = Directory()
+    raw = RawPeer()
+    carol = Identity.generate(wall_clock_ms())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(raw.links.serve)
+            async with running(nursery, tmp_path, "b", directory) as bob:
+                record = directory.records[bob.public_key].record
+                # Carol's genuine message, pushed by a different node.
+                _, wire = seal_message(
+                    carol.signing_key,
+                    bob.public_key,
+                    record.encryption_key,
+                    b"relayed",
+                    now_ms=wall_clock_ms(),
+                )
+                link = await raw.links.connect(bob.public_key, record.addresses)
+                link.send(FrameKind.ENVELOPE, wire)
+                await wait_until(lambda: bob.stats["rejected:sender-is-not-link-peer"] == 1)
+                assert raw.receipts == []
+                assert await bob.worker.read(lambda s: s.unread_count()) == 0
+                nursery.cancel_scope.cancel()
+
+
+async def test_flooding_peer_is_throttled_without_slowing_others(tmp_path: Path) -> None:
+    directory = Directory()
+    flooder = RawPeer()
+    config = NodeConfig(
+        backoff_base_ms=20, backoff_max_ms=100, incoming_per_second=50, incoming_burst=10
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(flooder.links.serve)
+            async with (
+                running(nursery, tmp_path, "b", directory, config=config) as bob,
+                running(nursery, tmp_path, "a", directory) as alice,
+            ):
+                record = directory.records[bob.public_key].record
+                link = await flooder.links.connect(bob.public_key, record.addresses)
+                flood = 200  # 4 s worth at 50/s
+                for n in range(flood):
+                    _, wire = seal_message(
+                        flooder.identity.signing_key,
+                        bob.public_key,
+                        record.encryption_key,
+                        b"flood %d" % n,
+                        now_ms=wall_clock_ms(),
+                    )
+                    link.send(FrameKind.ENVELOPE, wire)
+                await wait_until(lambda: bob.stats["throttled"] > 0)
+                message_id = await alice.send(bob.public_key, b"not stuck behind the flood")
+                assert (await alice.wait_for_outcome(message_id)).state is DeliveryState.DELIVERED
+                # Alice got through while most of the flood was still waiting its turn.
+                assert len(flooder.receipts) < flood // 2
+                nursery.cancel_scope.cancel()
+
+
+class RecordingProxy:
+    """A TCP relay that keeps every byte it forwards, in both directions."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.captured = bytearray()
+
+    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                self.captured += data
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await sink.aclose()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream(*self.target)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pipe, client, server)
+            nursery.start_soon(self._pipe, server, client)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+            task_status.started(("127.0.0.1", port))
+
+
+async def test_no_plaintext_or_identity_on_the_wire(tmp_path: Path) -> None:
+    directory = Directory()
+    canary = b"CANARY-5f1e9c-distinctive-plaintext"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with (
+                running(nursery, tmp_path, "a", directory) as alice,
+                running(nursery, tmp_path, "b", directory) as bob,
+            ):
+                assert bob.links.listen_address is not None
+                proxy = RecordingProxy(bob.links.listen_address)
+                proxy_address = await nursery.start(proxy.serve)
+                directory.publish(bob.identity, [proxy_address], seq=2)  # reach Bob via the proxy
+                message_id = await alice.send(bob.public_key, canary)
+                assert (await alice.wait_for_outcome(message_id)).state is DeliveryState.DELIVERED
+                inbox = await bob.worker.read(lambda s: s.inbox_list(False, 1))
+                assert inbox[0].body == canary  # it did go through the proxy and arrive
+                captured = bytes(proxy.captured)
+                assert len(captured) > 500
+                assert canary not in captured
+                assert canary[:12] not in captured
+                assert alice.public_key not in captured
+                assert bob.public_key not in captured
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("count", [300])
+async def test_many_messages_each_delivered_exactly_once(tmp_path: Path, count: int) -> None:
+    directory = Directory()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with (
+                running(nursery, tmp_path, "a", directory) as alice,
+                running(nursery, tmp_path, "b", directory) as bob,
+            ):
+                ids = [await alice.send(bob.public_key, b"m%d" % n) for n in range(count)]
+                for message_id in ids:
+                    assert (
+                        await alice.wait_for_outcome(message_id)
+                    ).state is DeliveryState.DELIVERED
+                inbox = await bob.worker.read(lambda s: s.inbox_list(False, 1000))
+                assert sorted(m.message_id for m in inbox) == sorted(ids)
+                assert sorted(m.body for m in inbox) == sorted(b"m%d" % n for n in range(count))
+                nursery.cancel_scope.cancel()
