@@ -163,7 +163,7 @@ class NodeService:
         self.config = config or NodeConfig()
         self.worker = StoreWorker(store)
         self.directory = directory
-        self.links = LinkManager(identity.signing_key, self._on_frame)
+        self.links = LinkManager(identity.signing_key, self._on_frame, on_link=self._on_link)
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._incoming = KeyedLimiter(self.config.incoming_per_second, self.config.incoming_burst)
@@ -454,6 +454,22 @@ class NodeService:
             [e for e in entries if e.state in (DeliveryState.QUEUED, DeliveryState.SENT)], error
         )
         self._wake.set()
+
+    def _on_link(self, link: Link) -> None:
+        """A link to a peer came up (either side dialled): whatever waits for that peer goes
+        now, rather than when its backoff ends."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._flush_pending_for, link.peer)
+
+    async def _flush_pending_for(self, peer: bytes) -> None:
+        now = self._clock()
+        pending = await self.worker.read(
+            functools.partial(
+                Store.outbox_pending_for, recipient=peer, now=now, limit=DELIVERY_BATCH
+            )
+        )
+        if pending:
+            self._dispatch(pending)
 
     # --- receiving ---------------------------------------------------------------------------
 

@@ -957,6 +957,28 @@ class Store:
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
 
+    def outbox_pending_for(self, recipient: bytes, now: int, limit: int) -> list[OutboxEntry]:
+        """Return ``recipient``'s pending (queued or sent), unexpired entries, whatever their
+        ``next_attempt_at``: for when a link to it appears and waiting out a backoff would be
+        pointless. Oldest first.
+
+        Raises:
+            TypeError, ValueError: an argument has the wrong type or range.
+            StoreError: SQLite failed.
+        """
+        _check_bytes("recipient", recipient, NODE_KEY_SIZE)
+        _check_int("now", now)
+        _check_limit(limit)
+        with self._read("outbox_pending_for") as conn:
+            rows = conn.execute(
+                "SELECT id, recipient, body, state, created_at, attempts, next_attempt_at,"
+                " expires_at, last_error, updated_at FROM outbox"
+                " WHERE recipient = ? AND state IN ('queued', 'sent') AND expires_at > ?"
+                " ORDER BY created_at, id LIMIT ?",
+                (recipient, now, limit),
+            ).fetchall()
+        return [_outbox_entry(row) for row in rows]
+
     def _transition(
         self,
         doing: str,

@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from nacl.pwhash import argon2id
 
 from p2pnode import cli
+from p2pnode.cli import common as cli_common
 from p2pnode.home import NodeHome
 from p2pnode.keyfile import Passphrase, PassphraseError
 from p2pnode.keystore import load_identity
@@ -47,7 +48,7 @@ def fast_passphrase(secret: bytes) -> Passphrase:
 def fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make passphrases the CLI creates use Argon2id's minimum cost (the secret still comes
     from the CLI's file or environment variable; only the cost is lowered)."""
-    monkeypatch.setattr(cli, "Passphrase", fast_passphrase)
+    monkeypatch.setattr(cli_common, "Passphrase", fast_passphrase)
 
 
 # --- init ------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ async def test_dht_only_daemon_serves_as_bootstrap_and_stops_on_sigterm(
     assert (tmp_path / "bootnode" / "dht-peers.json").exists()  # peers saved on the way out
 
 
-def test_daemon_without_dht_only_is_a_usage_error(tmp_path: Path) -> None:
+def test_daemon_on_a_missing_home_says_how_to_create_it(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "p2pnode", "daemon", "--home", str(tmp_path / "h")],
         capture_output=True,
@@ -302,5 +302,6 @@ def test_daemon_without_dht_only_is_a_usage_error(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert result.returncode == 2
-    assert "--dht-only" in result.stderr
+    assert result.returncode == 1
+    assert "p2pnode init" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -175,6 +175,16 @@ class DhtNode:
         self._waiters: dict[bytes, _Waiter] = {}
         self._wake = trio.Event()
         self._send_lock = trio.Lock()
+        self._contacts_changed = trio.Event()
+        protocol.on_contact_added = self._contact_added
+
+    def _contact_added(self) -> None:
+        self._contacts_changed.set()
+        self._contacts_changed = trio.Event()
+
+    async def wait_contact_added(self) -> None:
+        """Wait until a new contact enters the routing table."""
+        await self._contacts_changed.wait()
 
     @property
     def address(self) -> Address:

@@ -93,7 +93,7 @@ class _Pending:
     method: Method
     deadline: float
     purpose: Purpose
-    node_id: bytes | None  # whom we believe we are asking, for failure accounting
+    node_id: bytes | None  # whom we believe we are asking (failures are charged by address)
     datagram: bytes
     next_send: float
     retransmits_left: int
@@ -140,6 +140,8 @@ class DhtProtocol:
         self._deadlines: list[tuple[float, bytes]] = []
         self._verifying: dict[Address, bytes] = {}
         self._outgoing: list[tuple[bytes, Address]] = []
+        #: Called whenever a new contact enters the routing table.
+        self.on_contact_added: Callable[[], None] | None = None
 
     # --- output ------------------------------------------------------------------------------
 
@@ -263,12 +265,13 @@ class DhtProtocol:
                 continue
             del self._pending[msg_id]
             self.stats["timeout"] += 1
-            if pending.node_id is not None:
-                self.table.record_failure(pending.node_id)
-            else:
-                owner = self.table.contact_at(pending.address)
-                if owner is not None:
-                    self.table.record_failure(owner)
+            # Charge the failure to the contact that lives at the silent address, never to
+            # the ID the request names: that ID may be a requester's unverified claim, and
+            # charging it would let anyone evict an honest contact by claiming its ID from
+            # an address that never answers our verification ping.
+            owner = self.table.contact_at(pending.address)
+            if owner is not None:
+                self.table.record_failure(owner)
             if pending.purpose is Purpose.VERIFY:
                 self._verifying.pop(pending.address, None)
             elif pending.purpose is Purpose.CALLER:
@@ -354,11 +357,14 @@ class DhtProtocol:
 
     def _admit(self, contact: Contact, now: float) -> None:
         """Add a contact that answered our ping; hand it the keys it should now hold."""
-        candidates = self._handover_candidates(contact)
         added = self.table.add_verified(contact)
         self.stats[f"contact:{added.result.value}"] += 1
+        if added.result is AddResult.ADDED and self.on_contact_added is not None:
+            self.on_contact_added()
         if added.result is AddResult.ADDED:
-            for key, value in candidates:
+            # Only a contact that was actually added costs a scan of the stored keys: a node
+            # refused by the table (address taken, subnet full) must not trigger one per reply.
+            for key, value in self._handover_candidates(contact):
                 try:
                     self.send_request(
                         contact.address,
@@ -377,10 +383,9 @@ class DhtProtocol:
 
     def _handover_candidates(self, contact: Contact) -> list[tuple[bytes, bytes]]:
         """Keys the new contact should store (section 2.5 of the paper): those for which we are
-        the closest node we know and the newcomer is among the k closest. Computed before the
-        contact is added, over at most :data:`MAX_HANDOVER_KEYS` keys nearest to it."""
-        if contact.node_id in self.table:
-            return []
+        the closest node we know and the newcomer is among the k closest. Called once, just
+        after the contact was added (the table is consulted without it), over at most
+        :data:`MAX_HANDOVER_KEYS` keys nearest to it."""
         new_id = int.from_bytes(contact.node_id, "big")
         own_id = int.from_bytes(self.node_id, "big")
         keys = heapq.nsmallest(
@@ -391,7 +396,7 @@ class DhtProtocol:
         chosen = []
         for key in keys:
             key_id = int.from_bytes(key, "big")
-            neighbours = self.table.find_neighbors(key)
+            neighbours = self.table.find_neighbors(key, exclude=contact.address)
             if neighbours:
                 nearest = int.from_bytes(neighbours[0].node_id, "big") ^ key_id
                 farthest = int.from_bytes(neighbours[-1].node_id, "big") ^ key_id

@@ -164,7 +164,12 @@ class RoutingTable:
         if node.id in bucket.nodes:
             old = bucket.nodes[node.id]
             if (old.ip, old.port) != contact.address:
-                # Same ID at a new address: allowed only because it answered there just now.
+                # Same ID at a new address: allowed only because it answered there just now,
+                # and only if the new address's subnet has room in this bucket (else moving
+                # contacts would bypass the subnet limit).
+                moves_subnet = subnet_of(old.ip) != subnet_of(contact.host)
+                if moves_subnet and not self._subnet_allows(bucket, contact.host):
+                    return Added(AddResult.SUBNET_FULL)
                 self._by_address.pop((old.ip, old.port), None)
             bucket.add_node(node)
             self._by_address[contact.address] = node.id
@@ -208,11 +213,11 @@ class RoutingTable:
         if node is None:
             return
         self._failures.pop(node_id, None)
-        if self._by_address.get((node.ip, node.port)) == node_id:
-            del self._by_address[(node.ip, node.port)]
-        bucket.remove_node(node)
-        for promoted in bucket.get_nodes():
-            self._by_address.setdefault((promoted.ip, promoted.port), promoted.id)
+        bucket.replacement_nodes.pop(node_id, None)
+        if bucket.nodes.pop(node_id, None) is not None:
+            if self._by_address.get((node.ip, node.port)) == node_id:
+                del self._by_address[(node.ip, node.port)]
+            self._promote(bucket)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -221,19 +226,38 @@ class RoutingTable:
         return self._buckets[index]
 
     def _split(self, bucket: KBucket) -> None:
+        # Not KBucket.split: it promotes replacements into the halves' free slots unchecked,
+        # which would bypass the address and subnet rules (see _promote).
         index = self._buckets.index(bucket)
-        one, two = bucket.split()
+        low, high = bucket.range
+        midpoint = (low + high) // 2
+        one, two = KBucket(low, midpoint, self.ksize), KBucket(midpoint + 1, high, self.ksize)
+        for node in bucket.nodes.values():
+            (one if node.long_id <= midpoint else two).nodes[node.id] = node
+        for node in bucket.replacement_nodes.values():  # oldest first, as they were filed
+            (one if node.long_id <= midpoint else two).replacement_nodes[node.id] = node
         self._buckets[index : index + 1] = [one, two]
         self._lower_bounds[index : index + 1] = [one.range[0], two.range[0]]
-        # KBucket.split refiles replacements too; an address index entry must follow a node
-        # only while it is an active contact.
-        active = {node.id for b in (one, two) for node in b.get_nodes()}
-        for address, node_id in list(self._by_address.items()):
-            if node_id not in active and self._bucket_for(int.from_bytes(node_id, "big")) in (
-                one,
-                two,
-            ):
-                del self._by_address[address]
+        self._promote(one)
+        self._promote(two)
+
+    def _promote(self, bucket: KBucket) -> None:
+        """Fill free slots of ``bucket`` from its replacements, newest first.
+
+        A replacement was checked when it was filed, but the table has changed since: another
+        ID may now live at its address, or its subnet may have filled up. Such a replacement is
+        dropped rather than promoted, so promotion cannot bypass the one-ID-per-address and
+        per-subnet limits.
+        """
+        while len(bucket.nodes) < self.ksize and bucket.replacement_nodes:
+            _, node = bucket.replacement_nodes.popitem()
+            address = (node.ip, node.port)
+            if self._by_address.get(address, node.id) != node.id:
+                continue
+            if not self._subnet_allows(bucket, node.ip):
+                continue
+            bucket.nodes[node.id] = node
+            self._by_address[address] = node.id
 
     def _subnet_allows(self, bucket: KBucket, host: str) -> bool:
         if self.exempt_loopback and ipaddress.ip_address(host).is_loopback:

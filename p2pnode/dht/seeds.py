@@ -26,10 +26,11 @@ class SeedError(ValueError):
     """A seed address or seed list that cannot be used; the message says where and why."""
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
+def parse_host_port(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
     """Parse ``HOST:PORT`` or ``[IPV6]:PORT``.
 
-    HOST may be an IP address or a DNS name (resolved when the node starts).
+    HOST may be an IP address or a DNS name (resolved when the node starts). Port 0 ("pick
+    one") is accepted only with ``allow_port_zero`` (for addresses we listen on).
 
     Raises:
         SeedError: naming what is wrong.
@@ -49,8 +50,9 @@ def parse_host_port(text: str) -> tuple[str, int]:
             raise SeedError(f"{text!r}: expected HOST:PORT")
         if ":" in host:
             raise SeedError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise SeedError(f"{text!r}: port must be a number from 1 to 65535")
+    lowest = 0 if allow_port_zero else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise SeedError(f"{text!r}: port must be a number from {lowest} to 65535")
     if len(host) > 253:
         raise SeedError(f"{text!r}: host name too long")
     return host, int(port_text)

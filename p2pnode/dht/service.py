@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +31,7 @@ import trio
 from p2pnode.dht.node import (
     DEFAULT_LOOKUP_TIMEOUT,
     DhtNode,
+    RecordNotFound,
     UdpTransport,
     wall_clock_ms,
 )
@@ -125,7 +126,16 @@ class RecordPublisher:
                 task_status.started()
                 started = True
             with trio.move_on_after(pause):
-                await self._changed.wait()
+                async with trio.open_nursery() as waiters:
+
+                    async def wake_on(wait: Callable[[], Awaitable[None]]) -> None:
+                        await wait()
+                        waiters.cancel_scope.cancel()
+
+                    waiters.start_soon(wake_on, self._changed.wait)
+                    if not self.accepted:
+                        # Nobody took it: try again as soon as the table gains a contact.
+                        waiters.start_soon(wake_on, self._node.wait_contact_added)
 
 
 class DhtService:
@@ -142,6 +152,7 @@ class DhtService:
         self.identity = identity
         self.node: DhtNode | None = None
         self.publisher: RecordPublisher | None = None
+        self._nursery: trio.Nursery | None = None
         #: How many seeds or saved peers answered when joining.
         self.joined_through = 0
 
@@ -172,6 +183,7 @@ class DhtService:
             self.node = node
             try:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     await nursery.start(node.serve)
                     await self._join(node)
                     if self.identity is not None and self.config.advertised:
@@ -185,6 +197,24 @@ class DhtService:
             finally:
                 self._save_peers(node)
                 self.node = None
+
+    async def advertise(self, addresses: Sequence[Address]) -> None:
+        """Publish (or republish) our record with these link addresses.
+
+        Starts the publisher if it is not running yet; returns after its first attempt.
+
+        Raises:
+            RuntimeError: if the service is not running or has no identity.
+        """
+        if self.identity is None:
+            raise RuntimeError("a DHT-only node has no record to publish")
+        if self.publisher is not None:
+            self.publisher.set_addresses(addresses)
+            return
+        node = self._require_node()
+        assert self._nursery is not None
+        self.publisher = RecordPublisher(node, self.identity, addresses)
+        await self._nursery.start(self.publisher.run)
 
     async def _join(self, node: DhtNode) -> None:
         saved = load_peers(self.config.peers_file) if self.config.peers_file else []
@@ -233,8 +263,9 @@ class DhtService:
         Raises:
             RecordNotFound, LookupTimeout: as :meth:`DhtNode.find_record`.
         """
-        node = self._require_node()
-        return await node.find_record(
+        if self.node is None:
+            raise RecordNotFound("the DHT is not running")
+        return await self.node.find_record(
             identity_key, timeout=self.config.lookup_timeout if timeout is None else timeout
         )
 

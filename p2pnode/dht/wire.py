@@ -155,9 +155,9 @@ def _unpack(body: bytes) -> Any:
         raise WireError("malformed-msgpack", type(exc).__name__) from None
 
 
-def _node_id(value: Any, what: str) -> bytes:
+def _node_id(value: Any, what: str, reason: str = "bad-argument") -> bytes:
     if not isinstance(value, bytes) or len(value) != NODE_ID_SIZE:
-        raise WireError("bad-argument", f"{what} is not a {NODE_ID_SIZE}-byte ID")
+        raise WireError(reason, f"{what} is not a {NODE_ID_SIZE}-byte ID")
     return value
 
 
@@ -246,7 +246,7 @@ def parse_reply(method: Method, value: Any, *, max_value_size: int) -> Any:
         WireError: ``bad-reply`` naming what is wrong.
     """
     if method is Method.PING:
-        return _node_id(value, "ping reply")
+        return _node_id(value, "ping reply", "bad-reply")
     if method is Method.STORE:
         if not isinstance(value, bool):
             raise WireError("bad-reply", "store reply is not a bool")

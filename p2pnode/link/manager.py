@@ -168,6 +168,10 @@ class LinkManager:
         link = self._links.get(peer)
         return link if link is not None and not link.closed.is_set() else None
 
+    def peers(self) -> list[bytes]:
+        """Identity keys of the peers with an open link."""
+        return [peer for peer, link in self._links.items() if not link.closed.is_set()]
+
     @property
     def open_links(self) -> int:
         """How many links are established."""

@@ -1,0 +1,1 @@
+"""The local control API: HTTP/JSON over ``<home>/api.sock``, and its client."""
