@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUN_HOME ?= .run/node
+RUN_LISTEN ?= 127.0.0.1:0
+RUN_DHT_HOST ?= 127.0.0.1
+RUN_DHT_PORT ?= 0
 
 .PHONY: install test lint run clean
 
@@ -23,8 +26,12 @@ lint: install
 	$(BIN)/ruff format --check p2pnode tests
 	$(BIN)/mypy
 
+# Creates the node on first use, then runs its daemon in the foreground (Ctrl-C stops it).
+# Loopback addresses by default; override e.g. RUN_LISTEN=0.0.0.0:4001 RUN_DHT_HOST=0.0.0.0.
 run: install
-	$(BIN)/p2pnode init --home $(RUN_HOME)
+	@$(BIN)/p2pnode init --home $(RUN_HOME)
+	$(BIN)/p2pnode daemon --home $(RUN_HOME) --listen $(RUN_LISTEN) \
+		--dht-host $(RUN_DHT_HOST) --dht-port $(RUN_DHT_PORT)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

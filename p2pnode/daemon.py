@@ -202,6 +202,12 @@ async def serve_daemon(options: DaemonOptions) -> None:
             flush=True,
         )
         log.info("daemon ready; node ID %s", node.identity.node_id)
+        log.info(
+            "use it from another terminal: P2PNODE_HOME=%s p2pnode status | inbox --follow | "
+            "send ID-OR-CONTACT 'hello'; others send to it with: p2pnode send %s 'hello'",
+            options.home.path,
+            node.identity.node_id,
+        )
         notify_systemd("READY=1")
     notify_systemd("STOPPING=1")
     log.info("stopped")
