@@ -141,6 +141,18 @@ def call(client: ApiClient, method: str, path: str, body: Any = None, **kwargs: 
         raise click.ClickException(exc.message) from None
     except TimeoutError:
         raise click.ClickException("the daemon did not answer in time") from None
+    except OSError as exc:
+        # Otherwise click swallows a broken pipe silently (exit 1, no message) and prints a
+        # traceback for the rest; a refused connection means the socket is another user's.
+        raise connection_error(client, exc) from None
+
+
+def connection_error(client: ApiClient, exc: OSError) -> click.ClickException:
+    """The error for a connection to the daemon that failed or was cut off."""
+    return click.ClickException(
+        f"cannot talk to the daemon on {client.socket_path}: {exc.strerror or exc}. "
+        "The daemon answers only the user it runs as; if that is you, see its log."
+    )
 
 
 def no_daemon(client: ApiClient) -> NoReturn:

@@ -20,14 +20,12 @@ from p2pnode.cli.common import (
     read_passphrase,
 )
 from p2pnode.cli.logs import configure_logging
-from p2pnode.daemon import DaemonError, DaemonOptions, run_daemon, run_dht_only
 from p2pnode.dht.seeds import (
     SeedError,
     default_seeds,
     parse_host_port,
     read_seed_list,
 )
-from p2pnode.dht.service import DhtConfig
 from p2pnode.home import HOME_ENV, HomeError
 from p2pnode.keystore import init_node, read_identity_key
 from p2pnode.nodeid import NodeId
@@ -174,6 +172,11 @@ def daemon(
     HOST:PORT node-id HEX" once up. Known DHT peers are kept in the home so that a restarted
     node rejoins even when every seed is down.
     """
+    # Imported here, not at the top: the daemon pulls in trio, the DHT, Starlette and hypercorn
+    # (about 0.25 s), which every other command, run once per call, does not need.
+    from p2pnode.daemon import DaemonError, DaemonOptions, run_daemon, run_dht_only  # noqa: PLC0415
+    from p2pnode.dht.service import DhtConfig  # noqa: PLC0415
+
     configure_logging(verbose, quiet, log_format)
     seeds = _seed_addresses(bootstrap, seeds_file)
     if dht_only:

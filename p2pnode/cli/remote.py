@@ -11,11 +11,12 @@ from typing import Any
 
 import click
 
-from p2pnode.api.client import ApiClientError, DaemonNotRunning, path_segment
+from p2pnode.api.client import ApiClient, ApiClientError, DaemonNotRunning, path_segment
 from p2pnode.cli.common import (
     NotDeliveredError,
     call,
     client_for,
+    connection_error,
     emit,
     home_option,
     json_option,
@@ -207,8 +208,12 @@ def inbox(
             click.echo(json.dumps(message) if as_json else _inbox_line(message))
     if mark_read and messages:
         call(client, "POST", "/v1/inbox/read", {"seqs": [m["seq"] for m in messages]})
-    if not follow:
-        return
+    if follow:
+        _follow(client, as_json)
+
+
+def _follow(client: ApiClient, as_json: bool) -> None:
+    """Print incoming messages as they arrive, until interrupted."""
     try:
         for kind, event in client.events():
             if kind != "message":
@@ -221,6 +226,8 @@ def inbox(
         no_daemon(client)
     except ApiClientError as exc:
         raise click.ClickException(exc.message) from None
+    except OSError as exc:
+        raise connection_error(client, exc) from None
     except KeyboardInterrupt:
         return
 

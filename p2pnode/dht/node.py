@@ -174,6 +174,7 @@ class DhtNode:
         self._rng = rng or random.SystemRandom()
         self._waiters: dict[bytes, _Waiter] = {}
         self._wake = trio.Event()
+        self._timer_sleeps_until = math.inf
         self._send_lock = trio.Lock()
         self._contacts_changed = trio.Event()
         protocol.on_contact_added = self._contact_added
@@ -216,12 +217,21 @@ class DhtNode:
             data, address = await self.transport.receive()
             events = self.protocol.datagram_received(data, address, trio.current_time())
             self._dispatch(events)
+            self._wake_timer_if_needed()
             await self._flush()
+
+    def _wake_timer_if_needed(self) -> None:
+        # Input can create requests of the protocol's own (verification pings, hand-overs)
+        # whose deadlines come before the one the timer loop is sleeping towards.
+        deadline = self.protocol.next_deadline()
+        if deadline is not None and deadline < self._timer_sleeps_until:
+            self._wake.set()
 
     async def _timer_loop(self) -> None:
         while True:
             deadline = self.protocol.next_deadline()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
+            self._timer_sleeps_until = deadline if deadline is not None else math.inf
+            with trio.move_on_at(self._timer_sleeps_until):
                 await self._wake.wait()
             self._wake = trio.Event()
             events = self.protocol.handle_timers(trio.current_time())
