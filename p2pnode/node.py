@@ -71,7 +71,6 @@ LOOKUP_TIMEOUT: Final = 10.0
 #: honest node sends; a flooding peer is read at this pace.
 INCOMING_PER_SECOND: Final = 5000.0
 INCOMING_BURST: Final = 10_000.0
-_FAR_FUTURE_MS: Final = 2**62
 #: Events buffered per subscriber; a subscriber that falls further behind misses events
 #: (counted), it never slows the node.
 SUBSCRIBER_BUFFER: Final = 1000
@@ -269,7 +268,8 @@ class NodeService:
     async def _delivery_loop(self) -> None:
         # At start every pending message is due: a "sent" one from before a restart has no
         # link left to bring its receipt.
-        everything = True
+        start = self._clock()
+        await self.worker.write(functools.partial(Store.outbox_make_all_due, now=start))
         while True:
             now = self._clock()
             expired = await self.worker.write(functools.partial(Store.outbox_expire, now=now))
@@ -280,10 +280,8 @@ class NodeService:
                         EventKind.DELIVERY, message_id, b"", DeliveryState.FAILED, error="expired"
                     )
                 )
-            until = _FAR_FUTURE_MS if everything else now
-            everything = False
             due = await self.worker.read(
-                functools.partial(Store.outbox_due, now=until, limit=DELIVERY_BATCH)
+                functools.partial(Store.outbox_due, now=now, limit=DELIVERY_BATCH)
             )
             self._dispatch(due)
             with trio.move_on_after(DELIVERY_SCAN_INTERVAL):

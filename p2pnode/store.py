@@ -957,6 +957,21 @@ class Store:
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
 
+    def outbox_make_all_due(self, now: int) -> int:
+        """Make every pending (queued or sent) entry due at ``now``; returns how many.
+
+        For a restart: a ``sent`` entry's receipt can no longer come over a link that died
+        with the old process, so waiting out its receipt timeout would only delay it.
+        """
+        _check_int("now", now)
+        with self._write("outbox_make_all_due") as conn:
+            cursor = conn.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE state IN ('queued', 'sent')"
+                " AND next_attempt_at > ?",
+                (now, now),
+            )
+            return int(cursor.rowcount)
+
     def outbox_pending_for(self, recipient: bytes, now: int, limit: int) -> list[OutboxEntry]:
         """Return ``recipient``'s pending (queued or sent), unexpired entries, whatever their
         ``next_attempt_at``: for when a link to it appears and waiting out a backoff would be

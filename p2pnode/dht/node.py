@@ -386,13 +386,15 @@ class DhtNode:
         """
         key = dht_key(identity_key)
         candidates: list[SignedRecord] = []
-        local = self.protocol.storage.get_record(key)  # verified when stored, unexpired
-        if local is not None:
-            candidates.append(local)
         lookup: Lookup | None = None
         with trio.move_on_after(timeout):
             lookup, found = await self.run_lookup(key, want_value=True)
             candidates.extend(record for _, record in found)
+        # Our own copy counts too; read after the lookup, since a newer record may have been
+        # stored here while it ran.
+        local = self.protocol.storage.get_record(key)
+        if local is not None:
+            candidates.append(local)
         if not candidates:
             if lookup is None:
                 raise LookupTimeout(f"no record found within {timeout} s")
