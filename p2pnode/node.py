@@ -71,6 +71,8 @@ LOOKUP_TIMEOUT: Final = 10.0
 #: honest node sends; a flooding peer is read at this pace.
 INCOMING_PER_SECOND: Final = 5000.0
 INCOMING_BURST: Final = 10_000.0
+#: Recipients' verified records kept in memory.
+MAX_REMEMBERED_RECORDS: Final = 4096
 #: Events buffered per subscriber; a subscriber that falls further behind misses events
 #: (counted), it never slows the node.
 SUBSCRIBER_BUFFER: Final = 1000
@@ -176,6 +178,9 @@ class NodeService:
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         self._nursery: trio.Nursery | None = None
         self._progress = trio.Event()  # set when receipts arrive
+        # Verified records of recent recipients (saves a store read and two signature checks
+        # per delivery); bounded, oldest forgotten first.
+        self._records: dict[bytes, PeerRecord] = {}
         #: Counters: messages sent, received, duplicates, rejections by reason, and so on.
         self.stats: Counter[str] = Counter()
 
@@ -375,20 +380,34 @@ class NodeService:
             return fresh, await self.links.connect(recipient, fresh.addresses)
 
     async def _resolve(self, recipient: bytes, *, refresh: bool) -> PeerRecord:
-        key = dht_key(recipient)
+        """The recipient's record: from memory, else the peer cache, else the DHT (also when
+        ``refresh`` asks for a fresh one, e.g. after its cached addresses failed)."""
+        now = self._clock()
         if not refresh:
+            known = self._records.get(recipient)
+            if known is not None and known.expires > now and known.encryption_key_expires > now:
+                return known
             cached = await self.worker.read(lambda s: s.peer_get(recipient))
             if cached is not None:
                 try:
-                    return verify_record(cached[0], key=key, now_ms=self._clock()).record
+                    record = verify_record(cached[0], key=dht_key(recipient), now_ms=now).record
                 except RecordError:
                     pass  # expired or superseded: look it up afresh
+                else:
+                    self._records[recipient] = record
+                    return record
         signed = await self.directory.find_record(recipient, timeout=self.config.lookup_timeout)
         now = self._clock()
         await self.worker.write(
             lambda s: s.peer_put(recipient, signed.data, signed.record.seq, now)
         )
+        self._remember(recipient, signed.record)
         return signed.record
+
+    def _remember(self, recipient: bytes, record: PeerRecord) -> None:
+        if len(self._records) >= MAX_REMEMBERED_RECORDS:
+            self._records.pop(next(iter(self._records)))
+        self._records[recipient] = record
 
     async def _send_batch(self, link: Link, record: PeerRecord, batch: list[OutboxEntry]) -> None:
         now = self._clock()
