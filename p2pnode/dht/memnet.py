@@ -31,13 +31,21 @@ def seed_trio_scheduler(seed: int) -> None:
     """Make trio's task scheduling order reproducible.
 
     Trio shuffles the order in which tasks woken at the same instant run, using a private,
-    unseeded ``random.Random``; a reproducible simulation has to seed it. This touches a trio
-    internal on purpose, here only; if trio renames it, this raises rather than silently
-    losing reproducibility.
+    unseeded ``random.Random``; a reproducible simulation has to seed it. Seeding alone is not
+    enough: by default trio only maybe-reverses each batch of runnable tasks, whose order
+    follows wake-up order, which in turn can follow the iteration order of sets of tasks
+    (ordered by memory address), so it differs between processes. Trio's deterministic mode
+    (what its Hypothesis plugin switches on) sorts each batch by task creation order before
+    the seeded shuffle; this switches it on too, for the rest of the process (it costs a sort
+    per batch). This touches trio internals on purpose, here only; if trio renames them, this
+    raises rather than silently losing reproducibility.
     """
     scheduler_random = trio_run._r
-    if not isinstance(scheduler_random, random.Random):
-        raise RuntimeError("trio's scheduler random source moved; update seed_trio_scheduler")
+    if not isinstance(scheduler_random, random.Random) or not hasattr(
+        trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING"
+    ):
+        raise RuntimeError("trio's scheduler internals moved; update seed_trio_scheduler")
+    setattr(trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING", True)  # noqa: B010 (it is Final)
     scheduler_random.seed(seed)
 
 
