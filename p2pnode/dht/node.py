@@ -175,6 +175,7 @@ class DhtNode:
         self._waiters: dict[bytes, _Waiter] = {}
         self._wake = trio.Event()
         self._timer_sleeps_until = math.inf
+        self._serve_nursery: trio.Nursery | None = None
         self._send_lock = trio.Lock()
         self._contacts_changed = trio.Event()
         protocol.on_contact_added = self._contact_added
@@ -207,6 +208,7 @@ class DhtNode:
         """Run the receive and timer loops until cancelled; reports readiness (the local
         address) through ``task_status.started``."""
         async with trio.open_nursery() as nursery:
+            self._serve_nursery = nursery
             nursery.start_soon(self._receive_loop)
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._maintenance_loop)
@@ -257,8 +259,11 @@ class DhtNode:
                 waiter.event.set()
 
     async def _flush(self) -> None:
+        outgoing = self.protocol.take_outgoing()
+        if not outgoing:
+            return
         async with self._send_lock:
-            for data, address in self.protocol.take_outgoing():
+            for data, address in outgoing:
                 await self.transport.send(data, address)
 
     # --- single requests ---------------------------------------------------------------------
@@ -328,6 +333,7 @@ class DhtNode:
             own_id=self.node_id,
         )
         found: list[tuple[Contact, SignedRecord]] = []
+        checked: dict[bytes, SignedRecord | RecordError] = {}
         send, receive = trio.open_memory_channel[tuple[Contact, Any]](math.inf)
         method = Method.FIND_VALUE if want_value else Method.FIND_NODE
 
@@ -352,14 +358,20 @@ class DhtNode:
                 if isinstance(reply, RpcFailure):
                     lookup.on_failure(contact)
                 elif isinstance(reply, bytes):
-                    try:
-                        record = verify_record(reply, key=target, now_ms=self._wall_clock_ms())
-                    except RecordError as exc:
-                        self.protocol.stats[f"drop:record:{exc.reason.name.lower()}"] += 1
+                    # Several nodes return the same bytes: check each distinct copy once.
+                    outcome = checked.get(reply)
+                    if outcome is None:
+                        try:
+                            outcome = verify_record(reply, key=target, now_ms=self._wall_clock_ms())
+                        except RecordError as exc:
+                            outcome = exc
+                        checked[reply] = outcome
+                    if isinstance(outcome, RecordError):
+                        self.protocol.stats[f"drop:record:{outcome.reason.name.lower()}"] += 1
                         lookup.on_contacts(contact, [])
                     else:
                         lookup.on_value(contact, reply)
-                        found.append((contact, record))
+                        found.append((contact, outcome))
                 else:
                     lookup.on_contacts(contact, reply)
                 launch()
@@ -401,7 +413,11 @@ class DhtNode:
             raise RecordNotFound("no node holds a valid record for this identity")
         best = max(candidates, key=lambda signed: signed.record.seq)
         if lookup is not None:
-            await self._repair(lookup, found, best)
+            if self._serve_nursery is not None:
+                # In the background: the caller has its answer; the repair only heals copies.
+                self._serve_nursery.start_soon(self._repair, lookup, found, best)
+            else:
+                await self._repair(lookup, found, best)
         return best
 
     async def _repair(

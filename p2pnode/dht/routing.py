@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import heapq
 import ipaddress
 from collections.abc import Iterable, Iterator
@@ -62,6 +63,7 @@ class Added:
     ping: Contact | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def subnet_of(host: str) -> str:
     """The /24 (IPv4) or /64 (IPv6) prefix of ``host``, as text."""
     address = ipaddress.ip_address(host)

@@ -2,7 +2,8 @@
 
 A datagram is one type byte (``0x00`` request, ``0x01`` response), a 20-byte message id, and a
 msgpack body: ``[method, [args...]]`` for a request, the return value for a response. This is
-what ``rpcudp 5.0.1`` sends, so stock ``kademlia`` nodes are our peers.
+what ``rpcudp 5.0.1`` sends (with u-msgpack-python; we use the C ``msgpack`` package, which
+reads and writes the same bytes), so stock ``kademlia`` nodes are our peers.
 
 Decoding never trusts the peer: sizes are bounded before parsing, the msgpack parser's every
 failure becomes :class:`WireError`, and each method's arguments and each reply's shape are
@@ -12,11 +13,12 @@ checked field by field (:func:`parse_request`, :func:`parse_reply`).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Final
 
-import umsgpack
+import msgpack
 
 REQUEST: Final = 0x00
 RESPONSE: Final = 0x01
@@ -106,7 +108,7 @@ def encode_request(msg_id: bytes, method: Method, args: list[Any]) -> bytes:
     Raises:
         ValueError: if the body would exceed :data:`MAX_REQUEST_BODY` (our own bug).
     """
-    body = bytes(umsgpack.packb([method.value, args]))
+    body = bytes(msgpack.packb([method.value, args], use_bin_type=True))
     if len(body) > MAX_REQUEST_BODY:
         raise ValueError(f"request body of {len(body)} bytes exceeds {MAX_REQUEST_BODY}")
     return bytes([REQUEST]) + msg_id + body
@@ -114,7 +116,7 @@ def encode_request(msg_id: bytes, method: Method, args: list[Any]) -> bytes:
 
 def encode_response(msg_id: bytes, value: Any) -> bytes:
     """Encode a response datagram."""
-    return bytes([RESPONSE]) + msg_id + bytes(umsgpack.packb(value))
+    return bytes([RESPONSE]) + msg_id + bytes(msgpack.packb(value, use_bin_type=True))
 
 
 def decode_datagram(data: bytes) -> Request | Response:
@@ -148,9 +150,11 @@ def decode_datagram(data: bytes) -> Request | Response:
 
 def _unpack(body: bytes) -> Any:
     try:
-        return umsgpack.unpackb(body)
-    # umsgpack is a third-party parser fed hostile bytes: besides its documented
-    # UnpackException it raises struct, Unicode, recursion and plain Exception errors.
+        # Byte strings as bytes, text as str, arrays as lists: what rpcudp's u-msgpack-python
+        # produces. Every length is bounded by the (already bounded) input.
+        return msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    # msgpack is a C parser fed hostile bytes: besides its documented UnpackException it
+    # raises ValueError, TypeError, StackError (deep nesting) and ExtraData.
     except Exception as exc:  # noqa: BLE001
         raise WireError("malformed-msgpack", type(exc).__name__) from None
 
@@ -224,6 +228,7 @@ def parse_contact(entry: Any) -> Contact:
     return Contact(node_id, host, port)
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     if len(host) > 45:  # the longest IPv6 text form
         return False
