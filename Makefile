@@ -22,8 +22,8 @@ test: install
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check p2pnode tests
-	$(BIN)/ruff format --check p2pnode tests
+	$(BIN)/ruff check p2pnode tests bench
+	$(BIN)/ruff format --check p2pnode tests bench
 	$(BIN)/mypy
 
 # Creates the node on first use, then runs its daemon in the foreground (Ctrl-C stops it).

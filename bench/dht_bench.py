@@ -123,7 +123,7 @@ async def time_lookups(
 
 async def run_ours(nodes: int, lookups: int, seed: int) -> dict[str, Any]:
     """One run of p2pnode's side: join, publish, timed lookups."""
-    rng = random.Random(seed)  # noqa: S311 (benchmark workload, not crypto)
+    rng = random.Random(seed)
     identities = [Identity.generate(wall_clock_ms()) for _ in range(nodes)]
     members: list[DhtNode] = []
     try:
@@ -195,7 +195,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
 def run_worker(command: list[str], timeout: float) -> dict[str, Any] | None:
     """Run one benchmark subprocess; None (reported) if it failed or ran out of time."""
     try:
-        completed = subprocess.run(  # noqa: S603 (our own scripts, with our interpreter)
+        completed = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired:

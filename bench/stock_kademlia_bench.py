@@ -60,7 +60,7 @@ async def lookup(server: Server, key: str) -> Any:
 
 
 async def run(nodes: int, lookups: int, seed: int, value_size: int) -> dict[str, Any]:
-    rng = random.Random(seed)  # noqa: S311 (benchmark workload, not crypto)
+    rng = random.Random(seed)
     servers: list[Server] = []
     try:
         started = time.perf_counter()

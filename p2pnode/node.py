@@ -181,6 +181,9 @@ class NodeService:
         # Verified records of recent recipients (saves a store read and two signature checks
         # per delivery); bounded, oldest forgotten first.
         self._records: dict[bytes, PeerRecord] = {}
+        #: Called with the message id whenever a valid receipt arrives, before it is recorded
+        #: (an observation point for measurements; it must not block).
+        self.on_receipt: Callable[[bytes], None] | None = None
         #: Counters: messages sent, received, duplicates, rejections by reason, and so on.
         self.stats: Counter[str] = Counter()
 
@@ -565,6 +568,8 @@ class NodeService:
         if expected is not None and expected != link.peer:
             self.stats["rejected-receipt:wrong-peer"] += 1
             return
+        if self.on_receipt is not None:
+            self.on_receipt(receipt.id)
         now = self._clock()
         peer = link.peer
 
