@@ -144,6 +144,8 @@ class LinkManager:
         max_handshakes: int = MAX_HANDSHAKES,
         handshakes_per_second: float = HANDSHAKES_PER_SECOND,
         handshake_burst: float = HANDSHAKE_BURST,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._key = signing_key
         self.identity = bytes(signing_key.verify_key)
@@ -152,6 +154,8 @@ class LinkManager:
         self.handshake_timeout = handshake_timeout
         self.max_links = max_links
         self.max_handshakes = max_handshakes
+        self.keepalive_interval = keepalive_interval
+        self.idle_timeout = idle_timeout
         self._limiter = KeyedLimiter(handshakes_per_second, handshake_burst)
         self._links: dict[bytes, Link] = {}
         self._handshakes = 0
@@ -308,6 +312,11 @@ class LinkManager:
             self._handshakes -= 1
 
     def _register(self, connection: LinkConnection, stream: trio.abc.Stream, peer: bytes) -> Link:
+        """Make a new link the peer's link, unless it loses to an existing one.
+
+        Returns the new link either way; a losing link is already closing (see
+        :meth:`_serve_link`), and :meth:`get` returns the one that was kept.
+        """
         initiator = self.identity if connection.role is Role.INITIATOR else peer
         link = Link(connection, stream, peer, initiator)
         self.stats["handshake:" + connection.role.value] += 1
@@ -316,9 +325,9 @@ class LinkManager:
             preferred = min(self.identity, peer)
             if initiator != preferred or existing.initiator == preferred:
                 # Both sides keep the link dialled by the smaller identity key.
-                self.stats["closed:duplicate"] += 1
+                self.stats["duplicate-link"] += 1
                 link.close()
-                return existing
+                return link
             existing.close()
         elif len(self._links) >= self.max_links:
             self.stats["refused:too-many-links"] += 1
@@ -369,7 +378,7 @@ class LinkManager:
                     error = await self._dispatch(link, event.payload)
                     if error is not None:
                         return error
-            with trio.move_on_after(IDLE_TIMEOUT) as idle:
+            with trio.move_on_after(self.idle_timeout) as idle:
                 try:
                     data = await _receive(link._stream)
                 except LinkError as exc:
@@ -394,8 +403,8 @@ class LinkManager:
     async def _keepalive(self, link: Link) -> None:
         while not link.closed.is_set():
             idle_for = trio.current_time() - link.last_sent
-            await trio.sleep(max(0.0, KEEPALIVE_INTERVAL - idle_for))
-            if trio.current_time() - link.last_sent >= KEEPALIVE_INTERVAL:
+            await trio.sleep(max(0.0, self.keepalive_interval - idle_for))
+            if trio.current_time() - link.last_sent >= self.keepalive_interval:
                 try:
                     link.send(FrameKind.PING)
                 except LinkError:
