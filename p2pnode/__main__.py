@@ -2,4 +2,4 @@
 
 from p2pnode.cli import main
 
-main()
+main(prog_name="p2pnode")

@@ -362,3 +362,21 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
     assert shown.stdout.strip() == data["id"]
     assert NodeId.parse(data["id"]) == load_identity(NodeHome(home), None, NOW).node_id
     assert usage.returncode == 2
+
+
+def test_shell_completion_completes_commands() -> None:
+    env = {**os.environ, "_P2PNODE_COMPLETE": "bash_source"}
+    script = subprocess.run(
+        [sys.executable, "-m", "p2pnode"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert "complete" in script.stdout and "_p2pnode_completion" in script.stdout
+    env = {
+        **os.environ,
+        "_P2PNODE_COMPLETE": "bash_complete",
+        "COMP_WORDS": "p2pnode con",
+        "COMP_CWORD": "1",
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "p2pnode"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert "plain,contacts" in completed.stdout.splitlines()
