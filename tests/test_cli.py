@@ -367,7 +367,12 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
 def test_shell_completion_completes_commands() -> None:
     env = {**os.environ, "_P2PNODE_COMPLETE": "bash_source"}
     script = subprocess.run(
-        [sys.executable, "-m", "p2pnode"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "p2pnode"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     assert "complete" in script.stdout and "_p2pnode_completion" in script.stdout
     env = {
@@ -377,6 +382,11 @@ def test_shell_completion_completes_commands() -> None:
         "COMP_CWORD": "1",
     }
     completed = subprocess.run(
-        [sys.executable, "-m", "p2pnode"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "p2pnode"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     assert "plain,contacts" in completed.stdout.splitlines()
