@@ -47,7 +47,7 @@ from p2pnode.identity import Identity
 from p2pnode.link.frames import Frame, FrameKind
 from p2pnode.link.manager import Link, LinkError, LinkManager
 from p2pnode.ratelimit import KeyedLimiter
-from p2pnode.store import DeliveryState, OutboxEntry, Store
+from p2pnode.store import DeliveryState, OutboxEntry, Store, UnknownMessageError
 from p2pnode.storeworker import StoreWorker
 
 log = logging.getLogger(__name__)
@@ -574,10 +574,10 @@ class NodeService:
         peer = link.peer
 
         def deliver(store: Store) -> bool:
-            entry = store.outbox_get(receipt.id)
-            if entry is None or entry.recipient != peer:
-                return False
-            return store.mark_delivered(receipt.id, now)
+            try:
+                return store.mark_delivered(receipt.id, now, recipient=peer)
+            except UnknownMessageError:
+                return False  # a receipt for something we never sent
 
         def committed(changed: bool | None, error: BaseException | None) -> None:
             self._receipt_settled(receipt.id)

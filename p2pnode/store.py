@@ -1094,15 +1094,19 @@ class Store:
             (next_attempt_at, _error_text(error), now),
         )
 
-    def mark_delivered(self, message_id: bytes, now: int) -> bool:
+    def mark_delivered(
+        self, message_id: bytes, now: int, *, recipient: bytes | None = None
+    ) -> bool:
         """Record that the recipient's receipt for this message was checked.
 
         Idempotent: a second receipt changes nothing. Only ``queued`` or ``sent`` entries
-        change; ``delivered`` is terminal, and a ``failed`` entry stays failed.
+        change; ``delivered`` is terminal, and a ``failed`` entry stays failed. With
+        ``recipient``, an entry addressed to anyone else is left alone (a receipt counts only
+        from the node the message was for).
 
         Returns:
             True if the entry changed to ``delivered`` now; False if it was already
-            ``delivered`` or ``failed``.
+            ``delivered`` or ``failed``, or is for another recipient.
 
         Raises:
             UnknownMessageError: no entry has this id.
@@ -1111,6 +1115,21 @@ class Store:
         """
         _check_bytes("message_id", message_id, MESSAGE_ID_SIZE)
         _check_int("now", now)
+        if recipient is not None:
+            _check_bytes("recipient", recipient, NODE_KEY_SIZE)
+            with self._write("mark_delivered") as conn:
+                row = conn.execute(
+                    "SELECT state, recipient FROM outbox WHERE id = ?", (message_id,)
+                ).fetchone()
+                if row is None:
+                    raise UnknownMessageError(f"message id {message_id.hex()} is not in the outbox")
+                if row[1] != recipient or DeliveryState(row[0]) not in _PENDING:
+                    return False
+                conn.execute(
+                    "UPDATE outbox SET state = 'delivered', updated_at = ? WHERE id = ?",
+                    (now, message_id),
+                )
+            return True
         return self._transition(
             "mark_delivered",
             message_id,

@@ -911,3 +911,13 @@ def test_batch_that_raises_writes_nothing(store: Store) -> None:
 def test_batches_do_not_nest(store: Store) -> None:
     with store.batch(), pytest.raises(StoreError, match="do not nest"), store.batch():
         pass
+
+
+def test_mark_delivered_counts_only_a_receipt_from_the_recipient(store: Store) -> None:
+    store.enqueue(mid(1), key(1), b"x", T0, T0 + 1000)
+    assert store.mark_delivered(mid(1), T0, recipient=key(2)) is False
+    assert store.outbox_get(mid(1)).state is DeliveryState.QUEUED  # type: ignore[union-attr]
+    assert store.mark_delivered(mid(1), T0, recipient=key(1)) is True
+    assert store.mark_delivered(mid(1), T0, recipient=key(1)) is False  # already delivered
+    with pytest.raises(UnknownMessageError):
+        store.mark_delivered(mid(9), T0, recipient=key(1))
