@@ -8,7 +8,7 @@ RUN_LISTEN ?= 127.0.0.1:0
 RUN_DHT_HOST ?= 127.0.0.1
 RUN_DHT_PORT ?= 0
 
-.PHONY: install test lint run clean
+.PHONY: install test lint run clean bench soak
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,21 @@ run: install
 	@$(BIN)/p2pnode init --home $(RUN_HOME)
 	$(BIN)/p2pnode daemon --home $(RUN_HOME) --listen $(RUN_LISTEN) \
 		--dht-host $(RUN_DHT_HOST) --dht-port $(RUN_DHT_PORT)
+
+# Benchmarks: not tests; they take minutes and report figures (bench/README.md).
+# QUICK=1 runs a short subset.
+bench: install
+ifeq ($(QUICK),1)
+	$(BIN)/python bench/messaging.py --messages 5000 --rtt 200 --handshakes 20 --runs 1
+	$(BIN)/python bench/dht_bench.py --quick
+else
+	$(BIN)/python bench/messaging.py
+	$(BIN)/python bench/dht_bench.py
+endif
+
+# Long-running tests kept out of `make test`.
+soak: install
+	P2PNODE_SOAK=1 $(BIN)/pytest -q -s -m soak -o addopts="-ra --strict-markers" tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,7 +1,8 @@
 """pytest plugin: networks of real p2pnode daemons as fixtures.
 
 Installed with p2pnode (entry point ``pytest11``: ``p2pnode``), so every pytest run of a user
-who installed p2pnode loads it; it imports only pytest until a fixture is used. The fixtures
+who installed p2pnode loads it; it imports only pytest until a fixture is used (``-p
+no:p2pnode`` turns it off). The fixtures
 are async and need pytest-trio (``trio_mode = true``, or ``@pytest.mark.trio`` on the test)::
 
     @pytest.mark.testnet(n=4, proxied=True)
@@ -124,15 +125,16 @@ async def testnet(
     return await testnet_factory(*args, **kwargs)
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # the old style: works with every pytest >= 7
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+) -> Generator[None, Any, None]:
     """Remove the fixtures' temporary directories after a passing test; after a failing one,
     keep them and name them in the report."""
-    report = yield
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
     if report.when != "call":
-        return report
+        return
     roots = item.stash.get(_ROOTS, [])
     if report.failed:
         lines = []
@@ -144,4 +146,3 @@ def pytest_runtest_makereport(
     else:
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
-    return report

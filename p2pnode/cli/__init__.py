@@ -4,7 +4,7 @@ Exit codes: 0 success, 1 error, 2 usage error, 3 daemon not running, 4 not deliv
 ``--timeout`` (see ``p2pnode --help``).
 """
 
-from p2pnode.cli import local, remote
+from p2pnode.cli import local, remote, testnet
 from p2pnode.cli.common import main
 
-__all__ = ["local", "main", "remote"]
+__all__ = ["local", "main", "remote", "testnet"]
