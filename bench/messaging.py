@@ -37,11 +37,12 @@ from typing import Any
 import trio
 
 from p2pnode import codec
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord, SignedRecord, dht_key, verify_record
 from p2pnode.envelope import make_receipt, open_message, open_receipt, seal_message
 from p2pnode.identity import Identity
 from p2pnode.link.manager import LinkManager
-from p2pnode.node import NodeConfig, NodeService, wall_clock_ms
+from p2pnode.node import NodeConfig, NodeService
 from p2pnode.store import DeliveryState, Store
 
 

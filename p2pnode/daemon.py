@@ -25,13 +25,14 @@ import trio
 
 from p2pnode.api.app import create_app
 from p2pnode.api.server import serve_api
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.seeds import format_host_port
 from p2pnode.dht.service import DhtConfig, DhtService
 from p2pnode.dht.wire import Address
 from p2pnode.home import NodeHome
 from p2pnode.keyfile import Passphrase
 from p2pnode.keystore import load_identity
-from p2pnode.node import NodeConfig, NodeService, wall_clock_ms
+from p2pnode.node import NodeConfig, NodeService
 from p2pnode.store import Store
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ import enum
 import functools
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord, RecordError, SignedRecord, dht_key, verify_record
 from p2pnode.envelope import (
     MAX_BODY_SIZE,
@@ -133,11 +133,6 @@ def backoff_ms(
     """Delay before the next attempt after ``attempts`` failures (see :data:`BACKOFF_BASE_MS`)."""
     ceiling = min(max_ms, base_ms * 2 ** min(attempts, 32))
     return int(rng.uniform(ceiling / 2, ceiling))
-
-
-def wall_clock_ms() -> int:
-    """Milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 class NodeService:

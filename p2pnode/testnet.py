@@ -55,11 +55,11 @@ from typing import Any, Final
 import trio
 
 from p2pnode.api.client import ApiClient, ApiClientError
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.seeds import format_host_port
 from p2pnode.faultproxy import FaultProxy
 from p2pnode.home import NodeHome
 from p2pnode.keystore import init_node
-from p2pnode.node import wall_clock_ms
 from p2pnode.nodeid import NodeId
 
 log = logging.getLogger(__name__)

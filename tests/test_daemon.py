@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pnode.clock import wall_clock_ms
 from p2pnode.home import NodeHome
 from p2pnode.keystore import init_node
-from p2pnode.node import wall_clock_ms
 from p2pnode.nodeid import NodeId
 from p2pnode.testnet import Testnet
 

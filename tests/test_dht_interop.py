@@ -17,7 +17,8 @@ from pathlib import Path
 
 import trio
 
-from p2pnode.dht.node import DhtNode, UdpTransport, wall_clock_ms
+from p2pnode.clock import wall_clock_ms
+from p2pnode.dht.node import DhtNode, UdpTransport
 from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.records import PeerRecord, SignedRecord, dht_key
 from p2pnode.dht.storage import RecordStorage

@@ -15,8 +15,9 @@ import pytest
 import trio
 import trio.testing
 
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.memnet import MemoryNetwork, seed_trio_scheduler
-from p2pnode.dht.node import DhtNode, UdpTransport, wall_clock_ms
+from p2pnode.dht.node import DhtNode, UdpTransport
 from p2pnode.dht.peerbook import MAX_SAVED_PEERS, load_peers, save_peers
 from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.records import REPUBLISH_AFTER_MS, dht_key

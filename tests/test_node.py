@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord, SignedRecord
 from p2pnode.envelope import seal_message
 from p2pnode.identity import Identity
 from p2pnode.link.frames import Frame, FrameKind
 from p2pnode.link.manager import Link, LinkManager
-from p2pnode.node import EventKind, NodeConfig, NodeService, wall_clock_ms
+from p2pnode.node import EventKind, NodeConfig, NodeService
 from p2pnode.store import DeliveryState, Store
 
 FAST = NodeConfig(backoff_base_ms=20, backoff_max_ms=100)

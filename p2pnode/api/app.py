@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from p2pnode import __version__
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.node import LookupTimeout, RecordNotFound
 from p2pnode.dht.service import DhtService
 from p2pnode.envelope import MAX_BODY_SIZE
@@ -317,7 +318,7 @@ class Api:
         body = await json_body(request)
         name = string_field(body, "name")
         key = parse_id(string_field(body, "id") or "")
-        now = int(time.time() * 1000)
+        now = wall_clock_ms()
         contact = await self._contact_op(lambda s: s.contact_add(name or "", key, now))
         return JSONResponse(
             {"name": contact.name, "id": node_id_text(contact.node_key)}, status_code=201

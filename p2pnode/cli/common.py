@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
@@ -13,6 +12,7 @@ import click
 
 from p2pnode import __version__
 from p2pnode.api.client import ApiClient, ApiClientError, DaemonNotRunning
+from p2pnode.clock import wall_clock_ms
 from p2pnode.home import HOME_ENV, NodeHome, resolve_home
 from p2pnode.keyfile import Passphrase
 
@@ -43,7 +43,7 @@ class NotDeliveredError(click.ClickException):
 
 def now_ms() -> int:
     """Wall-clock milliseconds."""
-    return time.time_ns() // 1_000_000
+    return wall_clock_ms()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

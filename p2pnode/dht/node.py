@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -141,11 +140,6 @@ class LookupTimeout(TimeoutError):
 class _Waiter:
     event: trio.Event
     outcome: ReplyReceived | RequestFailed | None = None
-
-
-def wall_clock_ms() -> int:
-    """Milliseconds since the epoch (the clock records are signed with)."""
-    return time.time_ns() // 1_000_000
 
 
 class DhtNode:

@@ -28,12 +28,12 @@ from typing import Any, Final
 
 import trio
 
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.node import (
     DEFAULT_LOOKUP_TIMEOUT,
     DhtNode,
     RecordNotFound,
     UdpTransport,
-    wall_clock_ms,
 )
 from p2pnode.dht.peerbook import load_peers, save_peers
 from p2pnode.dht.protocol import DhtProtocol

@@ -21,13 +21,13 @@ from __future__ import annotations
 import enum
 import heapq
 import ipaddress
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from kademlia.storage import IStorage
 
+from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import (
     DHT_KEY_SIZE,
     RecordError,
@@ -61,11 +61,6 @@ IPV6_QUOTA_PREFIX: Final = 64
 #: larger than twice the live records plus this slack; rebuilding costs O(n) after at least n
 #: pushes, so amortised O(1) per push, and the heap stays bounded by the record limits.
 _HEAP_SLACK: Final = 64
-
-
-def wall_clock_ms() -> int:
-    """Return the wall-clock time in integer milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 class StoreOutcome(enum.Enum):
