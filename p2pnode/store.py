@@ -636,6 +636,13 @@ def _contact(row: tuple[object, ...]) -> Contact:
     return Contact(name=name, node_key=node_key, added_at=added_at)
 
 
+#: The columns of an outbox row, in the order ``_outbox_entry`` reads them.
+_OUTBOX_SELECT: Final = (
+    "SELECT id, recipient, body, state, created_at, attempts, next_attempt_at,"
+    " expires_at, last_error, updated_at FROM outbox"
+)
+
+
 class Store:
     """The node's durable store on one SQLite file.
 
@@ -920,8 +927,7 @@ class Store:
         _check_bytes("message_id", message_id, MESSAGE_ID_SIZE)
         with self._read("outbox_get") as conn:
             row = conn.execute(
-                "SELECT id, recipient, body, state, created_at, attempts, next_attempt_at,"
-                " expires_at, last_error, updated_at FROM outbox WHERE id = ?",
+                _OUTBOX_SELECT + " WHERE id = ?",
                 (message_id,),
             ).fetchone()
         return None if row is None else _outbox_entry(row)
@@ -949,9 +955,8 @@ class Store:
         _check_limit(limit)
         with self._read("outbox_due") as conn:
             rows = conn.execute(
-                "SELECT id, recipient, body, state, created_at, attempts, next_attempt_at,"
-                " expires_at, last_error, updated_at FROM outbox"
-                " WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? AND expires_at > ?"
+                _OUTBOX_SELECT
+                + " WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? AND expires_at > ?"
                 " ORDER BY next_attempt_at, created_at, id LIMIT ?",
                 (now, now, limit),
             ).fetchall()
@@ -986,9 +991,8 @@ class Store:
         _check_limit(limit)
         with self._read("outbox_pending_for") as conn:
             rows = conn.execute(
-                "SELECT id, recipient, body, state, created_at, attempts, next_attempt_at,"
-                " expires_at, last_error, updated_at FROM outbox"
-                " WHERE recipient = ? AND state IN ('queued', 'sent') AND expires_at > ?"
+                _OUTBOX_SELECT
+                + " WHERE recipient = ? AND state IN ('queued', 'sent') AND expires_at > ?"
                 " ORDER BY created_at, id LIMIT ?",
                 (recipient, now, limit),
             ).fetchall()
