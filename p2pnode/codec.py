@@ -38,6 +38,8 @@ MAX_DEPTH: Final = 8
 #: they have several encodings), no tags (datetimes, bignums, ...), no undefined.
 ALLOWED_TYPES: Final = (int, bytes, str, bool, type(None), list, dict)
 
+_FLAT_TYPES: Final = (bytes, str, bool, type(None))
+
 #: Integers must fit in CBOR's major types 0/1 (64-bit); larger ones would need bignum tags.
 _INT_LIMIT: Final = 2**64
 
@@ -66,7 +68,17 @@ def encode(value: Any) -> bytes:
         TypeError: if ``value`` contains a type outside :data:`ALLOWED_TYPES` (a programming
             error, not a peer's).
     """
-    _check_types(value, 0, for_encode=True)
+    if type(value) is not dict or any(type(v) in (list, dict) for v in value.values()):
+        _check_types(value, 0, for_encode=True)
+    else:
+        # A flat map, the hot case (envelopes, receipts): one pass over its values.
+        for key, item in value.items():
+            kind = type(item)
+            if type(key) is not str or (
+                kind not in _FLAT_TYPES and not (kind is int and -_INT_LIMIT <= item < _INT_LIMIT)
+            ):
+                _check_types(value, 0, for_encode=True)
+                break
     return cbor2.dumps(value, canonical=True)
 
 

@@ -1,6 +1,9 @@
-"""What travels inside an established link: small typed frames, ``[kind, data]`` in CBOR.
+"""What travels inside an established link: small typed frames, ``kind byte || data``.
 
-Pure encoding and strict decoding; the meaning of each kind is the node service's.
+The link already authenticates, orders and bounds every frame, and each kind's data is itself
+a strictly decoded structure (a sealed envelope, a signed receipt), so the frame needs no more
+than one byte to say which. Pure encoding and strict decoding; the meaning of each kind is the
+node service's.
 """
 
 from __future__ import annotations
@@ -9,12 +12,11 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from p2pnode import codec
 from p2pnode.codec import DecodeError
 from p2pnode.link.connection import MAX_FRAME_PAYLOAD
 
-#: Overhead of the ``[kind, data]`` wrapping: array, small int and a byte-string header.
-_OVERHEAD: Final = 8
+#: Overhead of the wrapping: the kind byte.
+_OVERHEAD: Final = 1
 #: Largest data a frame can carry.
 MAX_FRAME_DATA: Final = MAX_FRAME_PAYLOAD - _OVERHEAD
 
@@ -44,21 +46,23 @@ def encode_frame(kind: FrameKind, data: bytes = b"") -> bytes:
     """
     if len(data) > MAX_FRAME_DATA:
         raise ValueError(f"frame data of {len(data)} bytes exceeds {MAX_FRAME_DATA}")
-    return codec.encode([int(kind), data])
+    return bytes((kind,)) + data
 
 
 def decode_frame(payload: bytes) -> Frame:
     """Decode a frame strictly.
 
     Raises:
-        DecodeError: for anything but ``[known kind, bytes]`` within the size limit.
+        DecodeError: for an empty or oversized frame, or an unknown kind.
     """
-    value = codec.decode(payload, max_size=MAX_FRAME_PAYLOAD)
-    if type(value) is not list or len(value) != 2:
-        raise DecodeError("frame: expected [kind, data]")
-    kind, data = value
-    if type(kind) is not int or kind not in FrameKind._value2member_map_:
-        raise DecodeError(f"frame: unknown kind {kind!r}")
-    if type(data) is not bytes:
-        raise DecodeError("frame: data is not a byte string")
-    return Frame(FrameKind(kind), data)
+    if not payload:
+        raise DecodeError("frame: empty")
+    if len(payload) > MAX_FRAME_PAYLOAD:
+        raise DecodeError(f"frame: {len(payload)} bytes exceeds {MAX_FRAME_PAYLOAD}")
+    kind = payload[0]
+    if kind not in _KINDS:
+        raise DecodeError(f"frame: unknown kind {kind}")
+    return Frame(FrameKind(kind), bytes(payload[1:]))
+
+
+_KINDS: Final = frozenset(int(kind) for kind in FrameKind)
