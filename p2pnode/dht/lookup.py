@@ -74,12 +74,13 @@ class Lookup:
 
     @property
     def finished(self) -> bool:
-        """True when nothing is in flight and either the k closest live contacts have all
-        answered, or (for a value lookup) the quorum of values is reached."""
-        if self._in_flight:
-            return False
+        """True when a value lookup has its quorum of values (requests still in flight are
+        abandoned: waiting for one sent to a departed node would cost a full timeout), or when
+        nothing is in flight and the k closest live contacts have all answered."""
         if self.want_value and len(self.values) >= VALUE_QUORUM:
             return True
+        if self._in_flight:
+            return False
         return all(s.status == "answered" for s in self._frontier())
 
     def next_queries(self) -> list[Contact]:
