@@ -1,6 +1,6 @@
 """Known DHT peers, persisted so that a restarted node rejoins even with every seed down.
 
-The file is JSON (never pickle, unlike the kademlia package's ``save_state``)::
+The file is JSON (the kademlia package's own ``save_state`` format is not safe to load)::
 
     {"v": 1, "peers": [{"id": "<40 hex>", "host": "<IP>", "port": <int>}, ...]}
 
