@@ -38,27 +38,12 @@ import trio
 
 from p2pnode import codec
 from p2pnode.clock import wall_clock_ms
-from p2pnode.dht.records import PeerRecord, SignedRecord, dht_key, verify_record
+from p2pnode.dht.records import PeerRecord, dht_key, verify_record
 from p2pnode.envelope import make_receipt, open_message, open_receipt, seal_message
 from p2pnode.identity import Identity
 from p2pnode.link.manager import LinkManager
-from p2pnode.node import NodeConfig, NodeService
+from p2pnode.node import NodeConfig, NodeService, StaticDirectory
 from p2pnode.store import DeliveryState, Store
-
-
-class FileDirectory:
-    """Records read from files (written by the other process)."""
-
-    def __init__(self, records: dict[bytes, SignedRecord]) -> None:
-        self.records = records
-
-    async def find_record(
-        self, identity_key: bytes, *, timeout: float | None = None
-    ) -> SignedRecord:
-        try:
-            return self.records[identity_key]
-        except KeyError:
-            raise LookupError("unknown peer") from None
 
 
 def crypto_ceiling(count: int, size: int) -> dict[str, float]:
@@ -94,7 +79,7 @@ def crypto_ceiling(count: int, size: int) -> dict[str, float]:
 async def receiver_main(workdir: Path) -> None:
     identity = Identity.generate(wall_clock_ms())
     store = Store.open(workdir / "receiver.db")
-    node = NodeService(identity, store, FileDirectory({}), config=NodeConfig())
+    node = NodeService(identity, store, StaticDirectory({}), config=NodeConfig())
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         assert node.links.listen_address is not None
@@ -117,7 +102,9 @@ async def sender_run(
     record = verify_record(data, key=dht_key(receiver_key), now_ms=wall_clock_ms())
     identity = Identity.generate(wall_clock_ms())
     store = Store.open(workdir / f"sender-{time.monotonic_ns()}.db")
-    node = NodeService(identity, store, FileDirectory({receiver_key: record}), config=NodeConfig())
+    node = NodeService(
+        identity, store, StaticDirectory({receiver_key: record}), config=NodeConfig()
+    )
     results: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)

@@ -90,6 +90,27 @@ class PeerDirectory(Protocol):
         ...
 
 
+class StaticDirectory:
+    """A :class:`PeerDirectory` over a fixed table of records (tests, benchmarks, and nodes
+    whose peers are configured rather than looked up)."""
+
+    def __init__(self, records: dict[bytes, SignedRecord] | None = None) -> None:
+        self.records: dict[bytes, SignedRecord] = dict(records or {})
+
+    def add(self, signed: SignedRecord) -> None:
+        """Serve ``signed`` for its identity key (replacing any older one)."""
+        self.records[signed.record.identity_key] = signed
+
+    async def find_record(
+        self, identity_key: bytes, *, timeout: float | None = None
+    ) -> SignedRecord:
+        """The record of ``identity_key``; LookupError if the table has none."""
+        try:
+            return self.records[identity_key]
+        except KeyError:
+            raise LookupError("no record for this identity") from None
+
+
 class EventKind(enum.Enum):
     """What a subscriber hears about."""
 

@@ -15,37 +15,24 @@ import pytest
 import trio
 
 from p2pnode.clock import wall_clock_ms
-from p2pnode.dht.records import PeerRecord, SignedRecord
+from p2pnode.dht.records import PeerRecord
 from p2pnode.envelope import seal_message
 from p2pnode.identity import Identity
 from p2pnode.link.frames import Frame, FrameKind
 from p2pnode.link.manager import Link, LinkManager
-from p2pnode.node import EventKind, NodeConfig, NodeService
+from p2pnode.node import EventKind, NodeConfig, NodeService, StaticDirectory
 from p2pnode.store import DeliveryState, Store
 
 FAST = NodeConfig(backoff_base_ms=20, backoff_max_ms=100)
 
 
-class Directory:
-    """A fixed table of records, standing in for the DHT."""
-
-    def __init__(self) -> None:
-        self.records: dict[bytes, SignedRecord] = {}
+class Directory(StaticDirectory):
+    """A fixed table of records standing in for the DHT, filled from identities."""
 
     def publish(
         self, identity: Identity, addresses: Sequence[tuple[str, int]], seq: int = 1
     ) -> None:
-        self.records[identity.public_key] = PeerRecord.create(
-            identity, addresses, seq=seq, now_ms=wall_clock_ms()
-        )
-
-    async def find_record(
-        self, identity_key: bytes, *, timeout: float | None = None
-    ) -> SignedRecord:
-        try:
-            return self.records[identity_key]
-        except KeyError:
-            raise LookupError("no record") from None
+        self.add(PeerRecord.create(identity, addresses, seq=seq, now_ms=wall_clock_ms()))
 
 
 @asynccontextmanager
