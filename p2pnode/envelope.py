@@ -11,8 +11,11 @@ it received to a third party and pass it off as sent to them (Davis, "Defective 
 2001). Padding (libsodium's ISO/IEC 7816-4 ``sodium_pad``) rounds the plaintext up to a power of
 two, so the wire size says little about the body's size.
 
-A receipt ``{v, kind: "receipt", id, from: IK_R, to: IK_S, ts}`` is signed by the recipient with
-``"p2pnode/receipt/v1"`` and travels inside the (already encrypted) link.
+A receipt ``{v, kind: "receipt", ids: [id, ...], from: IK_R, to: IK_S, ts}`` is signed by the
+recipient with ``"p2pnode/receipt/v1"`` and travels inside the (already encrypted) link. It names
+every message of one sender that one durable commit stored (GUIDE section 3 names a single
+``id``; a list keeps the promise per message and costs one signature per commit instead of one
+per message).
 
 Everything here is pure: the caller passes the time in, as integer milliseconds since the epoch.
 """
@@ -53,8 +56,14 @@ MAX_WIRE_SIZE: Final = MAX_PADDED_SIZE + nacl.bindings.crypto_box_SEALBYTES
 #: captured envelope is worth replaying to a node that has pruned its seen-id table.
 DEFAULT_CLOCK_WINDOW_MS: Final = 5 * 60 * 1000
 
-#: A receipt is small: a 5-field map and a signature.
-MAX_RECEIPT_SIZE: Final = 512
+#: Message ids one receipt may acknowledge. The receiver acknowledges everything one group
+#: commit stored for a peer with one signature (a signature per message would cost the
+#: receiver a signing and the sender a verification each: about a third of the crypto per
+#: delivered message); 256 ids keep a receipt within 5 KiB.
+MAX_RECEIPT_IDS: Final = 256
+#: A receipt: a 5-field map with up to :data:`MAX_RECEIPT_IDS` ids (17 bytes each encoded),
+#: and a signature.
+MAX_RECEIPT_SIZE: Final = 512 + 17 * MAX_RECEIPT_IDS
 
 _INNER_SCHEMA: Final = {
     "v": Field(int, min_value=ENVELOPE_VERSION, max_value=ENVELOPE_VERSION),
@@ -66,7 +75,14 @@ _INNER_SCHEMA: Final = {
     # The body's bound is checked separately so an oversized body has its own reason.
     "body": Field(bytes),
 }
-_RECEIPT_SCHEMA: Final = {key: field for key, field in _INNER_SCHEMA.items() if key != "body"}
+_RECEIPT_SCHEMA: Final = {
+    "v": _INNER_SCHEMA["v"],
+    "kind": _INNER_SCHEMA["kind"],
+    "ids": Field(list, 1, MAX_RECEIPT_IDS, items=_INNER_SCHEMA["id"]),
+    "from": _INNER_SCHEMA["from"],
+    "to": _INNER_SCHEMA["to"],
+    "ts": _INNER_SCHEMA["ts"],
+}
 
 
 class Rejection(enum.Enum):
@@ -105,10 +121,10 @@ class Message:
 
 @dataclass(frozen=True)
 class Receipt:
-    """A verified receipt: ``sender`` (the message's recipient) confirms storing message ``id``
-    sent by ``recipient``."""
+    """A verified receipt: ``sender`` (the messages' recipient) confirms storing the messages
+    ``ids`` sent by ``recipient``."""
 
-    id: bytes
+    ids: tuple[bytes, ...]
     sender: bytes
     recipient: bytes
     timestamp: int
@@ -277,18 +293,29 @@ def _check_clock(timestamp: int, now_ms: int, window_ms: int) -> None:
         )
 
 
-def make_receipt(recipient: nacl.signing.SigningKey, message: Message, *, now_ms: int) -> bytes:
-    """Sign a receipt for ``message`` with the recipient's identity key.
+def make_receipt(
+    recipient: nacl.signing.SigningKey, sender: bytes, ids: Sequence[bytes], *, now_ms: int
+) -> bytes:
+    """Sign one receipt for the messages ``ids`` that ``sender`` sent, with the recipient's
+    identity key.
 
-    Call this only after the message is durably stored: a receipt is a promise.
+    Call this only after every one of those messages is durably stored: a receipt is a promise.
+
+    Raises:
+        ValueError: for no ids, more than :data:`MAX_RECEIPT_IDS`, a repeated id or one of the
+            wrong length (a caller's bug).
     """
+    if not 1 <= len(ids) <= MAX_RECEIPT_IDS:
+        raise ValueError(f"a receipt names 1 to {MAX_RECEIPT_IDS} messages, not {len(ids)}")
+    if len(set(ids)) != len(ids) or any(len(i) != MESSAGE_ID_SIZE for i in ids):
+        raise ValueError(f"receipt ids must be distinct and {MESSAGE_ID_SIZE} bytes each")
     body = codec.encode(
         {
             "v": ENVELOPE_VERSION,
             "kind": "receipt",
-            "id": message.id,
+            "ids": [bytes(i) for i in ids],
             "from": bytes(recipient.verify_key),
-            "to": message.sender,
+            "to": sender,
             "ts": now_ms,
         }
     )
@@ -296,20 +323,22 @@ def make_receipt(recipient: nacl.signing.SigningKey, message: Message, *, now_ms
 
 
 def open_receipt(
-    data: bytes, *, own_identity: bytes, peer_identity: bytes, message_id: bytes | None
+    data: bytes, *, own_identity: bytes, peer_identity: bytes, message_id: bytes | None = None
 ) -> Receipt:
-    """Verify a receipt for ``message_id``, which this node sent to ``peer_identity``.
+    """Verify a receipt from ``peer_identity`` for messages this node sent.
 
-    With ``message_id=None`` any id is accepted and the caller must check the returned id
-    against what it sent to that peer (the node service looks it up in its outbox).
+    With ``message_id``, the receipt must name that message. Otherwise the caller checks each
+    returned id against what it sent to that peer (the node service looks them up in its
+    outbox).
 
     The receipt's timestamp is reported, not checked against a window: a late receipt for a
     message we did send is still proof of delivery.
 
     Raises:
-        EnvelopeError: ``OVERSIZED``, ``MALFORMED``, ``WRONG_KIND``, ``BAD_SIGNATURE`` or
-            ``RECEIPT_MISMATCH`` (a valid receipt, but from another peer, for another sender or
-            for another message). Nothing else, whatever the input.
+        EnvelopeError: ``OVERSIZED``, ``MALFORMED`` (also for an id named twice),
+            ``WRONG_KIND``, ``BAD_SIGNATURE`` or ``RECEIPT_MISMATCH`` (a valid receipt, but from
+            another peer, for another sender or not naming ``message_id``). Nothing else,
+            whatever the input.
     """
     if len(data) > MAX_RECEIPT_SIZE:
         raise EnvelopeError(
@@ -318,12 +347,19 @@ def open_receipt(
     fields, body, signature = _decode_signed(data, _RECEIPT_SCHEMA, "receipt", MAX_RECEIPT_SIZE)
     if fields["kind"] != "receipt":
         raise EnvelopeError(Rejection.WRONG_KIND, f"expected a receipt, got {fields['kind']!r}")
+    ids = tuple(fields["ids"])
+    if len(set(ids)) != len(ids):
+        raise EnvelopeError(Rejection.MALFORMED, "receipt: a message id is named twice")
     _verify(fields["from"], signing.TAG_RECEIPT, body, signature, "recipient")
-    for name, expected, what in (
-        ("from", peer_identity, "signed by another peer than the message's recipient"),
-        ("to", own_identity, "addressed to another sender"),
-        ("id", message_id, "for another message"),
-    ):
-        if expected is not None and fields[name] != expected:
-            raise EnvelopeError(Rejection.RECEIPT_MISMATCH, f"the receipt is {what}")
-    return Receipt(fields["id"], fields["from"], fields["to"], fields["ts"])
+    if fields["from"] != peer_identity:
+        raise EnvelopeError(
+            Rejection.RECEIPT_MISMATCH,
+            "the receipt is signed by another peer than the message's recipient",
+        )
+    if fields["to"] != own_identity:
+        raise EnvelopeError(
+            Rejection.RECEIPT_MISMATCH, "the receipt is addressed to another sender"
+        )
+    if message_id is not None and message_id not in ids:
+        raise EnvelopeError(Rejection.RECEIPT_MISMATCH, "the receipt is for other messages")
+    return Receipt(ids, fields["from"], fields["to"], fields["ts"])

@@ -27,6 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Final, Protocol
 
 import trio
@@ -35,6 +36,7 @@ from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord, RecordError, SignedRecord, dht_key, verify_record
 from p2pnode.envelope import (
     MAX_BODY_SIZE,
+    MAX_RECEIPT_IDS,
     EnvelopeError,
     Message,
     make_receipt,
@@ -47,7 +49,7 @@ from p2pnode.identity import Identity
 from p2pnode.link.frames import Frame, FrameKind
 from p2pnode.link.manager import Link, LinkError, LinkManager
 from p2pnode.ratelimit import KeyedLimiter
-from p2pnode.store import DeliveryState, OutboxEntry, Store, UnknownMessageError
+from p2pnode.store import DeliveryState, OutboxEntry, Store
 from p2pnode.storeworker import StoreWorker
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,11 @@ INCOMING_PER_SECOND: Final = 5000.0
 INCOMING_BURST: Final = 10_000.0
 #: Seconds a sent message waits for its receipt before "sent" is written to the outbox.
 MARK_SENT_DELAY: Final = 0.2
+#: Messages sent to one recipient and awaiting their receipts, at most. More waiting messages
+#: stay queued until receipts come: a backlog is sealed as the recipient keeps up, not all at
+#: once (memory stays bounded, and receipts come well within :data:`MARK_SENT_DELAY`: at 4,000
+#: messages per second 256 are 64 ms of work).
+MAX_IN_FLIGHT: Final = 256
 #: Recipients' verified records kept in memory.
 MAX_REMEMBERED_RECORDS: Final = 4096
 #: Events buffered per subscriber; a subscriber that falls further behind misses events
@@ -144,6 +151,7 @@ class NodeConfig:
     lookup_timeout: float = LOOKUP_TIMEOUT
     backoff_base_ms: int = BACKOFF_BASE_MS
     backoff_max_ms: int = BACKOFF_MAX_MS
+    max_in_flight: int = MAX_IN_FLIGHT
 
 
 def backoff_ms(
@@ -200,6 +208,10 @@ class NodeService:
         # retry time to record.
         self._unmarked: dict[bytes, tuple[int, int]] = {}
         self._unmarked_added = trio.Event()
+        # Received messages durably stored but not yet acknowledged, per link (see
+        # _receipt_loop), in arrival order.
+        self._receipts_due: dict[Link, dict[bytes, None]] = {}
+        self._receipts_added = trio.Event()
         # Verified records of recent recipients (saves a store read and two signature checks
         # per delivery); bounded, oldest forgotten first.
         self._records: dict[bytes, PeerRecord] = {}
@@ -225,6 +237,7 @@ class NodeService:
             await nursery.start(self.links.serve, *self.config.listen)
             nursery.start_soon(self._delivery_loop)
             nursery.start_soon(self._mark_sent_loop)
+            nursery.start_soon(self._receipt_loop)
             task_status.started(self)
 
     def own_record(self, seq: int, addresses: Sequence[tuple[str, int]]) -> SignedRecord:
@@ -325,8 +338,10 @@ class NodeService:
         for entry in due:
             awaiting = self._awaiting.get(entry.recipient, {})
             sent_at = awaiting.get(entry.message_id)
-            if sent_at is not None and sent_at > stale:
-                continue  # sent recently; its receipt may still come
+            if sent_at is not None:
+                if sent_at > stale:
+                    continue  # sent recently; its receipt may still come
+                self._receipt_settled(entry.message_id)  # given up on: no longer in flight
             queue = self._queues.get(entry.recipient)
             if queue is None:
                 self._queues[entry.recipient] = {entry.message_id: entry}
@@ -347,22 +362,22 @@ class NodeService:
                 queue.clear()
                 return
             while queue or self._awaiting.get(recipient):
-                batch = list(queue.values())
-                queue.clear()
+                batch = [queue.pop(i) for i in list(islice(queue, self._room(recipient)))]
                 if batch:
                     try:
                         await self._send_batch(link, record, batch)
                     except LinkError as exc:
                         await self._attempt_failed(batch, f"link lost: {exc}")
                         return
-                with trio.move_on_after(self.config.receipt_timeout_ms / 1000):
+                with trio.move_on_after(self.config.receipt_timeout_ms / 1000) as waited:
                     await self._wait_progress(recipient, link)
                 if link.closed.is_set():
                     lost = list(self._awaiting.get(recipient, {}))
                     await self._retry_ids(lost, "link closed before the receipt came")
                     return
-                if not queue and self._awaiting.get(recipient):
-                    # Timed out waiting: the outbox scan resends what is still unreceipted.
+                if waited.cancelled_caught:
+                    # No receipt for a whole timeout: the outbox scan resends what is still
+                    # unreceipted, and sends what is still queued.
                     return
         finally:
             if self._queues.get(recipient) is queue:
@@ -370,11 +385,17 @@ class NodeService:
                 if queue:
                     self._wake.set()
 
+    def _room(self, recipient: bytes) -> int:
+        """How many more messages may be sent to ``recipient`` before receipts come."""
+        return max(0, self.config.max_in_flight - len(self._awaiting.get(recipient, ())))
+
     async def _wait_progress(self, recipient: bytes, link: Link) -> None:
-        """Return when new messages for ``recipient`` are queued, all its receipts are in, or
-        the link closes."""
+        """Return when messages for ``recipient`` are queued and may be sent, all its receipts
+        are in, or the link closes."""
         while not (
-            link.closed.is_set() or self._queues.get(recipient) or not self._awaiting.get(recipient)
+            link.closed.is_set()
+            or (self._queues.get(recipient) and self._room(recipient))
+            or not self._awaiting.get(recipient)
         ):
             with trio.move_on_after(1.0):  # also notices the link closing
                 await self._progress.wait()
@@ -565,13 +586,12 @@ class NodeService:
         if message.sender != link.peer:
             self.stats["rejected:sender-is-not-link-peer"] += 1
             return
-        receipt = make_receipt(self.identity.signing_key, message, now_ms=now)
 
         def committed(new: bool | None, error: BaseException | None) -> None:
             if error is not None:
                 log.error("could not store a message: %s", error)
                 return  # not acknowledged: the sender will try again
-            self._acknowledge(link, receipt, message, bool(new), now)
+            self._stored(link, message, bool(new), now)
 
         await self.worker.submit(
             lambda s: s.accept_incoming(
@@ -580,14 +600,11 @@ class NodeService:
             committed,
         )
 
-    def _acknowledge(
-        self, link: Link, receipt: bytes, message: Message, new: bool, now: int
-    ) -> None:
+    def _stored(self, link: Link, message: Message, new: bool, now: int) -> None:
+        """``message`` is durable (or was already): acknowledge it, and tell subscribers."""
         self.stats["received" if new else "duplicate"] += 1
-        try:
-            link.send(FrameKind.RECEIPT, receipt)
-        except LinkError:
-            self.stats["receipt-unsent"] += 1  # the sender resends; we acknowledge then
+        self._receipts_due.setdefault(link, {})[message.id] = None
+        self._receipts_added.set()
         if new:
             self._publish(
                 NodeEvent(
@@ -600,36 +617,55 @@ class NodeService:
                 )
             )
 
+    async def _receipt_loop(self) -> None:
+        """Acknowledge stored messages: one signed receipt per link for everything stored
+        since the last round (usually one group commit's worth), up to
+        :data:`~p2pnode.envelope.MAX_RECEIPT_IDS` ids each."""
+        while True:
+            await self._receipts_added.wait()
+            self._receipts_added = trio.Event()
+            due, self._receipts_due = self._receipts_due, {}
+            now = self._clock()
+            for link, stored in due.items():
+                ids = list(stored)
+                for start in range(0, len(ids), MAX_RECEIPT_IDS):
+                    chunk = ids[start : start + MAX_RECEIPT_IDS]
+                    receipt = make_receipt(self.identity.signing_key, link.peer, chunk, now_ms=now)
+                    try:
+                        link.send(FrameKind.RECEIPT, receipt)
+                    except LinkError:
+                        # The sender sends them again; they are acknowledged then.
+                        self.stats["receipt-unsent"] += len(chunk)
+
     async def _on_receipt(self, link: Link, data: bytes) -> None:
         try:
-            receipt = open_receipt(
-                data, own_identity=self.public_key, peer_identity=link.peer, message_id=None
-            )
+            receipt = open_receipt(data, own_identity=self.public_key, peer_identity=link.peer)
         except EnvelopeError as exc:
             self.stats[f"rejected-receipt:{exc.reason.value}"] += 1
             return
-        expected = self._awaiting_recipient.get(receipt.id)
-        if expected is not None and expected != link.peer:
-            self.stats["rejected-receipt:wrong-peer"] += 1
+        peer = link.peer
+        ids = [i for i in receipt.ids if self._awaiting_recipient.get(i, peer) == peer]
+        if len(ids) < len(receipt.ids):
+            self.stats["rejected-receipt:wrong-peer"] += len(receipt.ids) - len(ids)
+        if not ids:
             return
         if self.on_receipt is not None:
-            self.on_receipt(receipt.id)
+            for message_id in ids:
+                self.on_receipt(message_id)
         now = self._clock()
-        peer = link.peer
 
-        def deliver(store: Store) -> bool:
-            try:
-                return store.mark_delivered(receipt.id, now, recipient=peer)
-            except UnknownMessageError:
-                return False  # a receipt for something we never sent
-
-        def committed(changed: bool | None, error: BaseException | None) -> None:
-            self._receipt_settled(receipt.id)
+        def committed(changed: list[bytes] | None, error: BaseException | None) -> None:
+            for message_id in ids:
+                self._receipt_settled(message_id)
             self._progressed()
             if error is None and changed:
-                self.stats["delivered"] += 1
-                self._publish(
-                    NodeEvent(EventKind.DELIVERY, receipt.id, peer, DeliveryState.DELIVERED)
-                )
+                self.stats["delivered"] += len(changed)
+                for message_id in changed:
+                    self._publish(
+                        NodeEvent(EventKind.DELIVERY, message_id, peer, DeliveryState.DELIVERED)
+                    )
 
-        await self.worker.submit(deliver, committed)
+        await self.worker.submit(
+            functools.partial(Store.mark_delivered_by, recipient=peer, message_ids=ids, now=now),
+            committed,
+        )

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1098,19 +1098,15 @@ class Store:
             (next_attempt_at, _error_text(error), now),
         )
 
-    def mark_delivered(
-        self, message_id: bytes, now: int, *, recipient: bytes | None = None
-    ) -> bool:
+    def mark_delivered(self, message_id: bytes, now: int) -> bool:
         """Record that the recipient's receipt for this message was checked.
 
         Idempotent: a second receipt changes nothing. Only ``queued`` or ``sent`` entries
-        change; ``delivered`` is terminal, and a ``failed`` entry stays failed. With
-        ``recipient``, an entry addressed to anyone else is left alone (a receipt counts only
-        from the node the message was for).
+        change; ``delivered`` is terminal, and a ``failed`` entry stays failed.
 
         Returns:
             True if the entry changed to ``delivered`` now; False if it was already
-            ``delivered`` or ``failed``, or is for another recipient.
+            ``delivered`` or ``failed``.
 
         Raises:
             UnknownMessageError: no entry has this id.
@@ -1119,21 +1115,6 @@ class Store:
         """
         _check_bytes("message_id", message_id, MESSAGE_ID_SIZE)
         _check_int("now", now)
-        if recipient is not None:
-            _check_bytes("recipient", recipient, NODE_KEY_SIZE)
-            with self._write("mark_delivered") as conn:
-                row = conn.execute(
-                    "SELECT state, recipient FROM outbox WHERE id = ?", (message_id,)
-                ).fetchone()
-                if row is None:
-                    raise UnknownMessageError(f"message id {message_id.hex()} is not in the outbox")
-                if row[1] != recipient or DeliveryState(row[0]) not in _PENDING:
-                    return False
-                conn.execute(
-                    "UPDATE outbox SET state = 'delivered', updated_at = ? WHERE id = ?",
-                    (now, message_id),
-                )
-            return True
         return self._transition(
             "mark_delivered",
             message_id,
@@ -1141,6 +1122,38 @@ class Store:
             "UPDATE outbox SET state = 'delivered', updated_at = ? WHERE id = ?",
             (now,),
         )
+
+    def mark_delivered_by(
+        self, recipient: bytes, message_ids: Sequence[bytes], now: int
+    ) -> list[bytes]:
+        """Record one receipt from ``recipient`` naming ``message_ids``, in one transaction.
+
+        As :meth:`mark_delivered` for each id, except that an entry addressed to anyone else is
+        left alone (a receipt counts only from the node the message was for) and an id not in
+        the outbox is skipped (a receipt may name what a peer believes we sent).
+
+        Returns:
+            The ids that changed to ``delivered`` now, in the order given.
+
+        Raises:
+            TypeError, ValueError: an argument has the wrong type, size or range.
+            StoreError: SQLite failed; nothing was recorded.
+        """
+        _check_bytes("recipient", recipient, NODE_KEY_SIZE)
+        _check_int("now", now)
+        for message_id in message_ids:
+            _check_bytes("message_id", message_id, MESSAGE_ID_SIZE)
+        changed = []
+        with self._write("mark_delivered_by") as conn:
+            for message_id in message_ids:
+                cursor = conn.execute(
+                    "UPDATE outbox SET state = 'delivered', updated_at = ?"
+                    " WHERE id = ? AND recipient = ? AND state IN ('queued', 'sent')",
+                    (now, message_id, recipient),
+                )
+                if cursor.rowcount:
+                    changed.append(message_id)
+        return changed
 
     def mark_failed(self, message_id: bytes, now: int, reason: str) -> bool:
         """Give up on a pending message; ``reason`` becomes ``last_error``.

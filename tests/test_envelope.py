@@ -12,6 +12,8 @@ from p2pnode import codec, signing
 from p2pnode.envelope import (
     DEFAULT_CLOCK_WINDOW_MS,
     MAX_BODY_SIZE,
+    MAX_RECEIPT_IDS,
+    MAX_RECEIPT_SIZE,
     MAX_WIRE_SIZE,
     EnvelopeError,
     Message,
@@ -250,17 +252,52 @@ def received() -> Message:
 def test_receipt_round_trip() -> None:
     message = received()
     receipt = open_receipt(
-        make_receipt(BOB.signing_key, message, now_ms=NOW + 5),
+        make_receipt(BOB.signing_key, message.sender, [message.id], now_ms=NOW + 5),
         own_identity=ALICE.public_key,
         peer_identity=BOB.public_key,
         message_id=message.id,
     )
-    assert (receipt.id, receipt.sender, receipt.recipient) == (
-        message.id,
+    assert (receipt.ids, receipt.sender, receipt.recipient) == (
+        (message.id,),
         BOB.public_key,
         ALICE.public_key,
     )
     assert receipt.timestamp == NOW + 5
+
+
+def test_one_receipt_names_many_messages_in_order() -> None:
+    ids = [i.to_bytes(2, "big") * 8 for i in range(MAX_RECEIPT_IDS)]
+    data = make_receipt(BOB.signing_key, ALICE.public_key, ids, now_ms=NOW)
+    assert len(data) <= MAX_RECEIPT_SIZE
+    receipt = open_receipt(data, own_identity=ALICE.public_key, peer_identity=BOB.public_key)
+    assert receipt.ids == tuple(ids)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[], [b"\x01" * 16] * 2, [bytes([i % 256, i // 256]) * 8 for i in range(MAX_RECEIPT_IDS + 1)]],
+    ids=["none", "repeated", "too-many"],
+)
+def test_a_receipt_must_name_distinct_ids_within_the_limit(ids: list[bytes]) -> None:
+    with pytest.raises(ValueError, match="receipt"):
+        make_receipt(BOB.signing_key, ALICE.public_key, ids, now_ms=NOW)
+
+
+def test_a_receipt_naming_an_id_twice_is_malformed() -> None:
+    body = codec.encode(
+        {
+            "v": 1,
+            "kind": "receipt",
+            "ids": [b"\x01" * 16, b"\x01" * 16],
+            "from": BOB.public_key,
+            "to": ALICE.public_key,
+            "ts": NOW,
+        }
+    )
+    data = codec.encode([body, signing.sign(BOB.signing_key, signing.TAG_RECEIPT, body)])
+    with pytest.raises(EnvelopeError) as info:
+        open_receipt(data, own_identity=ALICE.public_key, peer_identity=BOB.public_key)
+    assert info.value.reason is Rejection.MALFORMED
 
 
 @pytest.mark.parametrize(
@@ -273,7 +310,7 @@ def test_receipt_round_trip() -> None:
 )
 def test_receipt_mismatch_is_refused(own: bytes, peer: bytes, other_id: bool) -> None:
     message = received()
-    data = make_receipt(BOB.signing_key, message, now_ms=NOW)
+    data = make_receipt(BOB.signing_key, message.sender, [message.id], now_ms=NOW)
     with pytest.raises(EnvelopeError) as info:
         open_receipt(
             data,
@@ -286,9 +323,9 @@ def test_receipt_mismatch_is_refused(own: bytes, peer: bytes, other_id: bool) ->
 
 def test_forged_receipt_is_refused() -> None:
     message = received()
-    forged = bytearray(make_receipt(CAROL.signing_key, message, now_ms=NOW))
+    forged = bytearray(make_receipt(CAROL.signing_key, message.sender, [message.id], now_ms=NOW))
     # Carol's signature with Bob's key substituted in the body no longer verifies.
-    body, signature = codec.decode_signed(bytes(forged), what="r", max_body=512)
+    body, signature = codec.decode_signed(bytes(forged), what="r", max_body=MAX_RECEIPT_SIZE)
     fields = codec.decode(body)
     fields["from"] = BOB.public_key
     tampered = codec.encode([codec.encode(fields), signature])
@@ -302,7 +339,7 @@ def test_forged_receipt_is_refused() -> None:
     assert info.value.reason is Rejection.BAD_SIGNATURE
 
 
-@given(st.binary(max_size=600))
+@given(st.binary(max_size=MAX_RECEIPT_SIZE + 100))
 def test_random_receipts_raise_only_envelope_error(data: bytes) -> None:
     with pytest.raises(EnvelopeError):
         open_receipt(
@@ -316,7 +353,7 @@ def test_random_receipts_raise_only_envelope_error(data: bytes) -> None:
 @given(st.data())
 def test_every_mutation_of_a_receipt_is_rejected(data: st.DataObject) -> None:
     message = Message(b"\x01" * 16, ALICE.public_key, BOB.public_key, NOW, b"")
-    receipt = bytearray(make_receipt(BOB.signing_key, message, now_ms=NOW))
+    receipt = bytearray(make_receipt(BOB.signing_key, message.sender, [message.id], now_ms=NOW))
     index = data.draw(st.integers(0, len(receipt) - 1))
     receipt[index] ^= data.draw(st.integers(1, 255))
     with pytest.raises(EnvelopeError):

@@ -913,11 +913,19 @@ def test_batches_do_not_nest(store: Store) -> None:
         pass
 
 
-def test_mark_delivered_counts_only_a_receipt_from_the_recipient(store: Store) -> None:
+def test_a_receipt_counts_only_from_the_recipient(store: Store) -> None:
     store.enqueue(mid(1), key(1), b"x", T0, T0 + 1000)
-    assert store.mark_delivered(mid(1), T0, recipient=key(2)) is False
+    store.enqueue(mid(2), key(1), b"y", T0, T0 + 1000)
+    assert store.mark_delivered_by(key(2), [mid(1)], T0) == []
     assert store.outbox_get(mid(1)).state is DeliveryState.QUEUED  # type: ignore[union-attr]
-    assert store.mark_delivered(mid(1), T0, recipient=key(1)) is True
-    assert store.mark_delivered(mid(1), T0, recipient=key(1)) is False  # already delivered
-    with pytest.raises(UnknownMessageError):
-        store.mark_delivered(mid(9), T0, recipient=key(1))
+    # One receipt for several messages; an unknown id in it is skipped.
+    assert store.mark_delivered_by(key(1), [mid(9), mid(2), mid(1)], T0) == [mid(2), mid(1)]
+    assert store.outbox_get(mid(1)).state is DeliveryState.DELIVERED  # type: ignore[union-attr]
+    assert store.mark_delivered_by(key(1), [mid(1)], T0) == []  # already delivered
+
+
+def test_a_receipt_leaves_a_failed_message_failed(store: Store) -> None:
+    store.enqueue(mid(1), key(1), b"x", T0, T0 + 1000)
+    store.mark_failed(mid(1), T0, "expired")
+    assert store.mark_delivered_by(key(1), [mid(1)], T0 + 1) == []
+    assert store.outbox_get(mid(1)).state is DeliveryState.FAILED  # type: ignore[union-attr]
