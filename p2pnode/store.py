@@ -349,9 +349,35 @@ def _migration_1_initial_schema(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migration_2_pending_indexes(conn: sqlite3.Connection) -> None:
+    """Schema 2: indexes that answer the delivery scans from the pending rows in their order.
+
+    With a backlog, the scans for due and expired messages, and for a peer's pending ones, used
+    the (state, updated_at) index, then sorted every pending row: 15 ms per scan with 40,000
+    queued. Each index below holds pending rows only, in the order its query reads them, so a
+    scan reads what it returns (the queries name their index: SQLite without statistics
+    prefers the state index).
+    """
+    conn.execute("DROP INDEX outbox_pending")
+    conn.execute(
+        "CREATE INDEX outbox_due ON outbox (next_attempt_at, created_at, id)"
+        " WHERE state IN ('queued', 'sent')"
+    )
+    conn.execute(
+        "CREATE INDEX outbox_expiry ON outbox (expires_at, id) WHERE state IN ('queued', 'sent')"
+    )
+    conn.execute(
+        "CREATE INDEX outbox_recipient_pending ON outbox (recipient, created_at, id)"
+        " WHERE state IN ('queued', 'sent')"
+    )
+
+
 #: The migrations, in order: ``MIGRATIONS[n]`` takes schema ``n`` to ``n + 1``. Append only;
 #: never edit a migration that has shipped.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial_schema,)
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _migration_1_initial_schema,
+    _migration_2_pending_indexes,
+)
 
 #: The schema version this code writes and understands (``PRAGMA user_version``).
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -955,8 +981,8 @@ class Store:
         _check_limit(limit)
         with self._read("outbox_due") as conn:
             rows = conn.execute(
-                _OUTBOX_SELECT
-                + " WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? AND expires_at > ?"
+                _OUTBOX_SELECT + " INDEXED BY outbox_due"
+                " WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? AND expires_at > ?"
                 " ORDER BY next_attempt_at, created_at, id LIMIT ?",
                 (now, now, limit),
             ).fetchall()
@@ -991,8 +1017,8 @@ class Store:
         _check_limit(limit)
         with self._read("outbox_pending_for") as conn:
             rows = conn.execute(
-                _OUTBOX_SELECT
-                + " WHERE recipient = ? AND state IN ('queued', 'sent') AND expires_at > ?"
+                _OUTBOX_SELECT + " INDEXED BY outbox_recipient_pending"
+                " WHERE recipient = ? AND state IN ('queued', 'sent') AND expires_at > ?"
                 " ORDER BY created_at, id LIMIT ?",
                 (recipient, now, limit),
             ).fetchall()
@@ -1190,12 +1216,14 @@ class Store:
         _check_int("now", now)
         with self._write("outbox_expire") as conn:
             rows = conn.execute(
-                "SELECT id FROM outbox WHERE state IN ('queued', 'sent') AND expires_at <= ?"
+                "SELECT id FROM outbox INDEXED BY outbox_expiry"
+                " WHERE state IN ('queued', 'sent') AND expires_at <= ?"
                 " ORDER BY expires_at, id",
                 (now,),
             ).fetchall()
             conn.execute(
-                "UPDATE outbox SET state = 'failed', last_error = 'expired', updated_at = ?"
+                "UPDATE outbox INDEXED BY outbox_expiry"
+                " SET state = 'failed', last_error = 'expired', updated_at = ?"
                 " WHERE state IN ('queued', 'sent') AND expires_at <= ?",
                 (now, now),
             )

@@ -301,6 +301,24 @@ def test_v1_database_is_migrated_to_a_newer_schema(db_path: Path) -> None:
     conn.close()
 
 
+def test_pending_messages_of_a_v1_database_are_still_due_after_the_upgrade(
+    db_path: Path,
+) -> None:
+    with Store.open(db_path, migrations=MIGRATIONS[:1]) as s:
+        for i in range(3):
+            s.enqueue(mid(i), key(1), b"x", T0 + i, T0 + HOUR)
+        s.enqueue(mid(9), key(2), b"old", T0, T0 + 10)
+    with Store.open(db_path) as s:
+        due = [e.message_id for e in s.outbox_due(T0 + 5, 10)]
+        assert due == [mid(0), mid(9), mid(1), mid(2)]  # by next attempt, creation, then id
+        assert [e.message_id for e in s.outbox_pending_for(key(1), T0 + 5, 10)] == [
+            mid(0),
+            mid(1),
+            mid(2),
+        ]
+        assert s.outbox_expire(T0 + 10) == [mid(9)]
+
+
 def test_failed_migration_is_rolled_back(db_path: Path) -> None:
     with Store.open(db_path) as s:
         s.contact_add("alice", key(1), T0)
@@ -310,10 +328,12 @@ def test_failed_migration_is_rolled_back(db_path: Path) -> None:
         conn.execute("DELETE FROM contacts")
         raise RuntimeError("boom")
 
-    with pytest.raises(StoreError, match=r"from schema 1 to 2 failed: boom"):
+    with pytest.raises(
+        StoreError, match=rf"from schema {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed: boom"
+    ):
         Store.open(db_path, migrations=(*MIGRATIONS, broken))
     conn = raw(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert "half_done" not in names
     conn.close()
