@@ -352,22 +352,18 @@ def _migration_1_initial_schema(conn: sqlite3.Connection) -> None:
 def _migration_2_pending_indexes(conn: sqlite3.Connection) -> None:
     """Schema 2: indexes that answer the delivery scans from the pending rows in their order.
 
-    With a backlog, the scans for due and expired messages, and for a peer's pending ones, used
-    the (state, updated_at) index, then sorted every pending row: 15 ms per scan with 40,000
-    queued. Each index below holds pending rows only, in the order its query reads them, so a
-    scan reads what it returns (the queries name their index: SQLite without statistics
-    prefers the state index).
+    With a backlog, the scans for expired messages and for a peer's pending ones used the
+    (state, updated_at) index and then sorted every pending row: 15 ms per scan with 40,000
+    queued. The scans now read pending rows in index order (ties in insertion order, the
+    rowid), so a scan reads only what it returns. The queries name their index: SQLite without
+    statistics prefers the state index. The indexes hold the pending rows only and no more
+    columns than the scans need: every extra indexed byte costs each send and each receipt.
     """
-    conn.execute("DROP INDEX outbox_pending")
     conn.execute(
-        "CREATE INDEX outbox_due ON outbox (next_attempt_at, created_at, id)"
-        " WHERE state IN ('queued', 'sent')"
+        "CREATE INDEX outbox_expiry ON outbox (expires_at) WHERE state IN ('queued', 'sent')"
     )
     conn.execute(
-        "CREATE INDEX outbox_expiry ON outbox (expires_at, id) WHERE state IN ('queued', 'sent')"
-    )
-    conn.execute(
-        "CREATE INDEX outbox_recipient_pending ON outbox (recipient, created_at, id)"
+        "CREATE INDEX outbox_recipient_pending ON outbox (recipient)"
         " WHERE state IN ('queued', 'sent')"
     )
 
@@ -971,7 +967,7 @@ class Store:
             limit: at most this many entries (1 to :data:`MAX_LIST_LIMIT`).
 
         Returns:
-            The entries, ordered by ``next_attempt_at``, then ``created_at``, then id.
+            The entries, ordered by ``next_attempt_at``, then in the order they were queued.
 
         Raises:
             TypeError, ValueError: an argument has the wrong type or range.
@@ -981,9 +977,9 @@ class Store:
         _check_limit(limit)
         with self._read("outbox_due") as conn:
             rows = conn.execute(
-                _OUTBOX_SELECT + " INDEXED BY outbox_due"
+                _OUTBOX_SELECT + " INDEXED BY outbox_pending"
                 " WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? AND expires_at > ?"
-                " ORDER BY next_attempt_at, created_at, id LIMIT ?",
+                " ORDER BY next_attempt_at, rowid LIMIT ?",
                 (now, now, limit),
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
@@ -1006,7 +1002,7 @@ class Store:
     def outbox_pending_for(self, recipient: bytes, now: int, limit: int) -> list[OutboxEntry]:
         """Return ``recipient``'s pending (queued or sent), unexpired entries, whatever their
         ``next_attempt_at``: for when a link to it appears and waiting out a backoff would be
-        pointless. Oldest first.
+        pointless. In the order they were queued.
 
         Raises:
             TypeError, ValueError: an argument has the wrong type or range.
@@ -1019,7 +1015,7 @@ class Store:
             rows = conn.execute(
                 _OUTBOX_SELECT + " INDEXED BY outbox_recipient_pending"
                 " WHERE recipient = ? AND state IN ('queued', 'sent') AND expires_at > ?"
-                " ORDER BY created_at, id LIMIT ?",
+                " ORDER BY rowid LIMIT ?",
                 (recipient, now, limit),
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
@@ -1218,7 +1214,7 @@ class Store:
             rows = conn.execute(
                 "SELECT id FROM outbox INDEXED BY outbox_expiry"
                 " WHERE state IN ('queued', 'sent') AND expires_at <= ?"
-                " ORDER BY expires_at, id",
+                " ORDER BY expires_at, rowid",
                 (now,),
             ).fetchall()
             conn.execute(

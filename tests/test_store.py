@@ -310,7 +310,7 @@ def test_pending_messages_of_a_v1_database_are_still_due_after_the_upgrade(
         s.enqueue(mid(9), key(2), b"old", T0, T0 + 10)
     with Store.open(db_path) as s:
         due = [e.message_id for e in s.outbox_due(T0 + 5, 10)]
-        assert due == [mid(0), mid(9), mid(1), mid(2)]  # by next attempt, creation, then id
+        assert due == [mid(0), mid(9), mid(1), mid(2)]  # by next attempt, then queue order
         assert [e.message_id for e in s.outbox_pending_for(key(1), T0 + 5, 10)] == [
             mid(0),
             mid(1),
