@@ -347,8 +347,9 @@ class NodeService:
                 self._queues[entry.recipient] = {entry.message_id: entry}
                 self._nursery.start_soon(self._deliver_to, entry.recipient)
             else:
+                if not queue:
+                    self._progressed()  # its delivery task may be waiting for more to send
                 queue.setdefault(entry.message_id, entry)
-                self._progressed()
 
     async def _deliver_to(self, recipient: bytes) -> None:
         """Deliver everything queued for ``recipient`` over one link, until its queue is

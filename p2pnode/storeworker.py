@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 import trio
@@ -36,7 +36,7 @@ MAX_QUEUED: Final = 10_000
 @dataclass
 class _Job(Generic[T]):
     change: Callable[[Store], T]
-    done: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event | None = None  # for a caller waiting on the commit
     result: T | None = None
     error: BaseException | None = None
     on_commit: Callable[[T | None, BaseException | None], None] | None = None
@@ -53,6 +53,7 @@ class StoreWorker:
         self.store = store
         self._send, self._receive = trio.open_memory_channel[_Job[Any]](MAX_QUEUED)
         self._lock = trio.Lock()  # one thread uses the connection at a time
+        self._idle = False  # waiting for changes, no commit running
         #: Commits made, and changes committed (for status and benchmarks).
         self.commits = 0
         self.changes = 0
@@ -61,7 +62,11 @@ class StoreWorker:
         """Commit submitted changes until cancelled."""
         task_status.started()
         while True:
-            first = await self._receive.receive()
+            self._idle = True
+            try:
+                first = await self._receive.receive()
+            finally:
+                self._idle = False
             jobs = [first]
             while len(jobs) < MAX_BATCH:
                 try:
@@ -76,7 +81,8 @@ class StoreWorker:
             for job in jobs:
                 if job.on_commit is not None:
                     job.on_commit(job.result, job.error)
-                job.done.set()
+                if job.done is not None:
+                    job.done.set()
 
     def _apply(self, jobs: list[_Job[Any]]) -> None:
         try:
@@ -100,9 +106,10 @@ class StoreWorker:
         Raises:
             whatever ``change`` raised (its effects rolled back), or the commit's StoreError.
         """
-        job: _Job[T] = _Job(change)
+        done = trio.Event()
+        job: _Job[T] = _Job(change, done=done)
         await self._send.send(job)
-        await job.done.wait()
+        await done.wait()
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
@@ -113,8 +120,21 @@ class StoreWorker:
         on_commit: Callable[[T | None, BaseException | None], None],
     ) -> None:
         """Queue ``change``; ``on_commit(result, error)`` runs after its commit. Returns as soon
-        as the change is queued (waits only if :data:`MAX_QUEUED` are pending)."""
-        await self._send.send(_Job(change, on_commit=on_commit))
+        as the change is queued (waits only if :data:`MAX_QUEUED` are pending).
+
+        While a commit is running this returns without yielding: a reader that submits each
+        of many frames then goes through them all without a scheduler round per frame, and
+        its changes make the next group. When the worker is idle, this yields once so that
+        the commit starts now.
+        """
+        job = _Job(change, on_commit=on_commit)
+        try:
+            self._send.send_nowait(job)
+        except trio.WouldBlock:
+            await self._send.send(job)  # backpressure
+            return
+        if self._idle:
+            await trio.lowlevel.checkpoint()
 
     async def read(self, query: Callable[[Store], T]) -> T:
         """Run a read-only ``query`` in a worker thread, between commits."""
