@@ -31,6 +31,9 @@ T = TypeVar("T")
 MAX_BATCH: Final = 1000
 #: Changes waiting for a commit at most; a submitter beyond this waits (backpressure).
 MAX_QUEUED: Final = 10_000
+#: Changes submitted without yielding to the scheduler at most: a reader going through a
+#: large read must still let finished commits deliver their results (receipts) promptly.
+MAX_SUBMITS_WITHOUT_YIELD: Final = 16
 
 
 @dataclass
@@ -54,6 +57,7 @@ class StoreWorker:
         self._send, self._receive = trio.open_memory_channel[_Job[Any]](MAX_QUEUED)
         self._lock = trio.Lock()  # one thread uses the connection at a time
         self._idle = False  # waiting for changes, no commit running
+        self._submits_without_yield = 0
         #: Commits made, and changes committed (for status and benchmarks).
         self.commits = 0
         self.changes = 0
@@ -122,10 +126,10 @@ class StoreWorker:
         """Queue ``change``; ``on_commit(result, error)`` runs after its commit. Returns as soon
         as the change is queued (waits only if :data:`MAX_QUEUED` are pending).
 
-        While a commit is running this returns without yielding: a reader that submits each
-        of many frames then goes through them all without a scheduler round per frame, and
-        its changes make the next group. When the worker is idle, this yields once so that
-        the commit starts now.
+        While a commit is running this mostly returns without yielding: a reader that submits
+        each of many frames then goes through them without a scheduler round per frame, and its
+        changes make the next group. It yields when the worker is idle, so that the commit
+        starts now, and after :data:`MAX_SUBMITS_WITHOUT_YIELD` changes.
         """
         job = _Job(change, on_commit=on_commit)
         try:
@@ -133,7 +137,9 @@ class StoreWorker:
         except trio.WouldBlock:
             await self._send.send(job)  # backpressure
             return
-        if self._idle:
+        self._submits_without_yield += 1
+        if self._idle or self._submits_without_yield >= MAX_SUBMITS_WITHOUT_YIELD:
+            self._submits_without_yield = 0
             await trio.lowlevel.checkpoint()
 
     async def read(self, query: Callable[[Store], T]) -> T:
