@@ -1,9 +1,13 @@
 """The node service: durable sending, delivery with retries, receiving with receipts.
 
 ``send`` writes the message to the outbox and returns once that write is durable; delivery
-then runs in the background: find the recipient's record (peer cache first, then the DHT),
-reach it over a link, send the sealed envelope, and mark the message delivered when the
-recipient's signed receipt comes back. Failed attempts are retried with exponential backoff and
+runs in the background: find the recipient's record (peer cache first, then the DHT), reach it
+over a link, send the sealed envelope, and mark the message delivered when the recipient's
+signed receipt comes back. Delivery starts while the outbox write is being committed, so the
+commit's disk flush and the trip to the recipient overlap: what ``send`` promises is that a
+message it returned an id for is never lost. A crash before it returns leaves the caller
+without an id (as any crash in the middle of a call does); the recipient may have the message
+by then. Failed attempts are retried with exponential backoff and
 jitter until the message expires (default 7 days), when it is marked failed with the reason.
 
 Receiving: an envelope is opened and verified, stored durably in the inbox, and only then
@@ -20,6 +24,7 @@ delivery task; cancelling it stops them (a commit in progress completes first).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -49,7 +54,7 @@ from p2pnode.identity import Identity
 from p2pnode.link.frames import Frame, FrameKind
 from p2pnode.link.manager import Link, LinkError, LinkManager
 from p2pnode.ratelimit import KeyedLimiter
-from p2pnode.store import DeliveryState, OutboxEntry, Store
+from p2pnode.store import DeliveryState, OutboxEntry, Store, UnknownMessageError
 from p2pnode.storeworker import StoreWorker
 
 log = logging.getLogger(__name__)
@@ -264,13 +269,26 @@ class NodeService:
         message_id = new_message_id()
         now = self._clock()
         expires = now + self.config.expiry_ms
-        entry = await self.worker.write(
-            lambda s: s.enqueue(message_id, recipient, body, now, expires)
-        )
-        self.stats["queued"] += 1
         if self._nursery is not None:
-            self._dispatch([entry])  # straight to delivery; the outbox scan covers retries
+            # Straight to delivery, overlapping the commit below (the outbox scan covers
+            # retries). A receipt's store change queues behind this write, so it finds the row.
+            self._dispatch([OutboxEntry.queued(message_id, recipient, body, now, expires)])
+        try:
+            await self.worker.write(lambda s: s.enqueue(message_id, recipient, body, now, expires))
+        except BaseException:
+            self._withdraw(recipient, message_id)
+            raise
+        self.stats["queued"] += 1
         return message_id
+
+    def _withdraw(self, recipient: bytes, message_id: bytes) -> None:
+        """Forget a message whose outbox write failed: unsent, it is not sent; sent, its
+        receipt (if any) finds no row and changes nothing."""
+        queue = self._queues.get(recipient)
+        if queue is not None:
+            queue.pop(message_id, None)
+        self._receipt_settled(message_id)
+        self._unmarked.pop(message_id, None)
 
     async def message_state(self, message_id: bytes) -> OutboxEntry | None:
         """The outbox entry of ``message_id`` (None if unknown)."""
@@ -505,7 +523,8 @@ class NodeService:
 
             def mark(store: Store, pending: dict[bytes, tuple[int, int]] = pending) -> None:
                 for message_id, (at, retry_at) in pending.items():
-                    store.mark_sent(message_id, at, retry_at)
+                    with contextlib.suppress(UnknownMessageError):  # its write failed
+                        store.mark_sent(message_id, at, retry_at)
 
             def marked(_result: None, _error: BaseException | None) -> None:
                 self._wake.set()  # marked entries leave the due list: the scan sees further
@@ -533,7 +552,8 @@ class NodeService:
 
         def record(store: Store) -> None:
             for message_id, at in plans:
-                store.record_attempt_failure(message_id, now, at, error)
+                with contextlib.suppress(UnknownMessageError):  # its write failed
+                    store.record_attempt_failure(message_id, now, at, error)
 
         if plans:
             self.stats["attempt-failed"] += len(plans)

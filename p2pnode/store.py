@@ -202,6 +202,24 @@ class OutboxEntry:
     last_error: str | None
     updated_at: int
 
+    @classmethod
+    def queued(
+        cls, message_id: bytes, recipient: bytes, body: bytes, now: int, expires_at: int
+    ) -> OutboxEntry:
+        """The entry :meth:`Store.enqueue` writes for a new message (nothing is checked)."""
+        return cls(
+            message_id=message_id,
+            recipient=recipient,
+            body=body,
+            state=DeliveryState.QUEUED,
+            created_at=now,
+            attempts=0,
+            next_attempt_at=now,
+            expires_at=expires_at,
+            last_error=None,
+            updated_at=now,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class InboxMessage:
@@ -926,18 +944,7 @@ class Store:
                     now,
                 ),
             )
-        return OutboxEntry(
-            message_id=message_id,
-            recipient=recipient,
-            body=body,
-            state=DeliveryState.QUEUED,
-            created_at=now,
-            attempts=0,
-            next_attempt_at=now,
-            expires_at=expires_at,
-            last_error=None,
-            updated_at=now,
-        )
+        return OutboxEntry.queued(message_id, recipient, body, now, expires_at)
 
     def outbox_get(self, message_id: bytes) -> OutboxEntry | None:
         """Return the outbox entry with this id, or ``None`` if there is none.

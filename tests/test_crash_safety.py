@@ -225,7 +225,10 @@ async def test_sender_killed_right_after_send_returned(tmp_path: Path) -> None:
     """50 concurrent sends; SIGKILL the sender the instant the last one returned. Every
     returned id is in its store; after the restart each arrives exactly once."""
     k = 50
-    async with Testnet(n=2, root=tmp_path) as net:
+    async with Testnet(n=2, root=tmp_path, proxied=True) as net:
+        # Delivery starts while each send's outbox write commits; half a second each way on
+        # the link keeps every receipt out until well after the last send returned.
+        net.proxy(1).delay = 0.5
         accepted = await send_burst(net[0], net[1], "burst", k)
         await net.kill(0)  # the instant the last send returned
 
@@ -236,6 +239,7 @@ async def test_sender_killed_right_after_send_returned(tmp_path: Path) -> None:
         assert crashed.pending > 0, f"all {k} were already delivered: the kill came too late"
         print(f"node0 killed with {crashed.pending} of {k} messages not yet delivered")
 
+        net.proxy(1).reset()
         await net.restart(0)
         await assert_exactly_once(net[0], net[1], accepted)
 
@@ -287,7 +291,7 @@ async def test_sender_and_receiver_both_killed(tmp_path: Path) -> None:
     """Both nodes killed mid-stream, one after the other and then at the same moment; each
     message arrives exactly once."""
     k = 300
-    async with Testnet(n=2, root=tmp_path) as net, trio.open_nursery() as nursery:
+    async with Testnet(n=2, root=tmp_path, proxied=True) as net, trio.open_nursery() as nursery:
         # Round 1: the receiver dies mid-stream; the sender dies the instant its last send
         # returned, while the receiver is still down (so it holds undelivered messages).
         stream = Stream(net[0], net[1], "both", k)
@@ -310,6 +314,9 @@ async def test_sender_and_receiver_both_killed(tmp_path: Path) -> None:
             return await inbox_count(net[1]) > receiver_crash.inbox
 
         await wait_until(resumed, "delivery to resume after both restarts")
+        # Receipts take at least a second to come back (0.5 s each way): every send returns
+        # before its receipt, however fast delivery is.
+        net.proxy(1).delay = 0.5
         burst = await send_burst(net[0], net[1], "both-burst", 100)
         async with trio.open_nursery() as killing:
             killing.start_soon(net.kill, 0)
@@ -324,6 +331,7 @@ async def test_sender_and_receiver_both_killed(tmp_path: Path) -> None:
             f"both killed: node0 with {sender_crash.pending} pending, "
             f"node1 holding {receiver_crash.inbox} of {k + len(burst)}"
         )
+        net.proxy(1).reset()
         await net.restart(0)
         await net.restart(1)
         accepted.update(burst)

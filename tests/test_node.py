@@ -21,7 +21,7 @@ from p2pnode.identity import Identity
 from p2pnode.link.frames import Frame, FrameKind
 from p2pnode.link.manager import Link, LinkManager
 from p2pnode.node import EventKind, NodeConfig, NodeService, StaticDirectory
-from p2pnode.store import DeliveryState, Store
+from p2pnode.store import DeliveryState, Store, StoreError
 
 FAST = NodeConfig(backoff_base_ms=20, backoff_max_ms=100)
 
@@ -413,4 +413,34 @@ async def test_many_messages_each_delivered_exactly_once(tmp_path: Path, count: 
                 inbox = await bob.worker.read(lambda s: s.inbox_list(False, 1000))
                 assert sorted(m.message_id for m in inbox) == sorted(ids)
                 assert sorted(m.body for m in inbox) == sorted(b"m%d" % n for n in range(count))
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_send_whose_outbox_write_fails_raises_and_the_node_carries_on(
+    tmp_path: Path,
+) -> None:
+    directory = Directory()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with (
+                running(nursery, tmp_path, "a", directory) as alice,
+                running(nursery, tmp_path, "b", directory) as bob,
+            ):
+                store = alice.worker.store
+                real_enqueue = store.enqueue
+
+                def full_disk(*args: object, **kwargs: object) -> object:
+                    raise StoreError("database or disk is full")
+
+                store.enqueue = full_disk  # type: ignore[method-assign,assignment]
+                with pytest.raises(StoreError, match="disk is full"):
+                    await alice.send(bob.public_key, b"lost with the disk")
+                store.enqueue = real_enqueue  # type: ignore[method-assign]
+                message_id = await alice.send(bob.public_key, b"after the disk was freed")
+                entry = await alice.wait_for_outcome(message_id)
+                assert entry.state is DeliveryState.DELIVERED
+                # Whatever became of the first one, nothing pending is left behind for it.
+                counts = await alice.worker.read(lambda s: s.outbox_counts())
+                assert counts[DeliveryState.DELIVERED] == 1
+                assert sum(counts.values()) == 1
                 nursery.cancel_scope.cancel()
