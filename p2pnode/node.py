@@ -196,7 +196,7 @@ class NodeService:
     ) -> None:
         self.identity = identity
         self.config = config or NodeConfig()
-        self.worker = StoreWorker(store)
+        self.worker = StoreWorker(store, after_commit=self._send_receipts)
         self.directory = directory
         self.links = LinkManager(identity.signing_key, self._on_frame, on_link=self._on_link)
         self._clock = clock
@@ -217,9 +217,8 @@ class NodeService:
         self._unmarked: dict[bytes, tuple[int, int]] = {}
         self._unmarked_added = trio.Event()
         # Received messages durably stored but not yet acknowledged, per link (see
-        # _receipt_loop), in arrival order.
+        # _send_receipts), in arrival order.
         self._receipts_due: dict[Link, dict[bytes, None]] = {}
-        self._receipts_added = trio.Event()
         # Verified records of recent recipients (saves a store read and two signature checks
         # per delivery); bounded, oldest forgotten first.
         self._records: dict[bytes, PeerRecord] = {}
@@ -245,7 +244,6 @@ class NodeService:
             await nursery.start(self.links.serve, *self.config.listen)
             nursery.start_soon(self._delivery_loop)
             nursery.start_soon(self._mark_sent_loop)
-            nursery.start_soon(self._receipt_loop)
             task_status.started(self)
 
     def own_record(self, seq: int, addresses: Sequence[tuple[str, int]]) -> SignedRecord:
@@ -631,7 +629,6 @@ class NodeService:
         """``message`` is durable (or was already): acknowledge it, and tell subscribers."""
         self.stats["received" if new else "duplicate"] += 1
         self._receipts_due.setdefault(link, {})[message.id] = None
-        self._receipts_added.set()
         if new:
             self._publish(
                 NodeEvent(
@@ -644,25 +641,24 @@ class NodeService:
                 )
             )
 
-    async def _receipt_loop(self) -> None:
-        """Acknowledge stored messages: one signed receipt per link for everything stored
-        since the last round (usually one group commit's worth), up to
-        :data:`~p2pnode.envelope.MAX_RECEIPT_IDS` ids each."""
-        while True:
-            await self._receipts_added.wait()
-            self._receipts_added = trio.Event()
-            due, self._receipts_due = self._receipts_due, {}
-            now = self._clock()
-            for link, stored in due.items():
-                ids = list(stored)
-                for start in range(0, len(ids), MAX_RECEIPT_IDS):
-                    chunk = ids[start : start + MAX_RECEIPT_IDS]
-                    receipt = make_receipt(self.identity.signing_key, link.peer, chunk, now_ms=now)
-                    try:
-                        link.send(FrameKind.RECEIPT, receipt)
-                    except LinkError:
-                        # The sender sends them again; they are acknowledged then.
-                        self.stats["receipt-unsent"] += len(chunk)
+    def _send_receipts(self) -> None:
+        """Acknowledge what the commit that just ended stored: one signed receipt per link, up
+        to :data:`~p2pnode.envelope.MAX_RECEIPT_IDS` ids each. Runs right after each group
+        commit's callbacks, so a receipt leaves in the same scheduler step as its commit ends."""
+        if not self._receipts_due:
+            return
+        due, self._receipts_due = self._receipts_due, {}
+        now = self._clock()
+        for link, stored in due.items():
+            ids = list(stored)
+            for start in range(0, len(ids), MAX_RECEIPT_IDS):
+                chunk = ids[start : start + MAX_RECEIPT_IDS]
+                receipt = make_receipt(self.identity.signing_key, link.peer, chunk, now_ms=now)
+                try:
+                    link.send(FrameKind.RECEIPT, receipt)
+                except LinkError:
+                    # The sender sends them again; they are acknowledged then.
+                    self.stats["receipt-unsent"] += len(chunk)
 
     async def _on_receipt(self, link: Link, data: bytes) -> None:
         try:

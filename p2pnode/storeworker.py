@@ -52,8 +52,11 @@ class StoreWorker:
     callback runs after the commit) or :meth:`read` (no commit needed).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, after_commit: Callable[[], None] | None = None) -> None:
         self.store = store
+        #: Called once after each group commit, when every change's callback has run (the node
+        #: acknowledges a whole commit's messages with one receipt there).
+        self.after_commit = after_commit
         self._send, self._receive = trio.open_memory_channel[_Job[Any]](MAX_QUEUED)
         self._lock = trio.Lock()  # one thread uses the connection at a time
         self._idle = False  # waiting for changes, no commit running
@@ -87,6 +90,8 @@ class StoreWorker:
                     job.on_commit(job.result, job.error)
                 if job.done is not None:
                     job.done.set()
+            if self.after_commit is not None:
+                self.after_commit()
 
     def _apply(self, jobs: list[_Job[Any]]) -> None:
         try:
