@@ -349,6 +349,7 @@ def main() -> None:
 
     report = {
         "benchmark": "dht-lookup",
+        "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "config": {
             "sizes": sizes,
