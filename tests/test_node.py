@@ -50,10 +50,14 @@ async def running(
     store = Store.open(tmp_path / f"{name}.db")
     node = NodeService(identity, store, directory, config=config)
     scope = trio.CancelScope()
+    stopped = trio.Event()
 
     async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with scope:
-            await node.run(task_status=task_status)
+        try:
+            with scope:
+                await node.run(task_status=task_status)
+        finally:
+            stopped.set()
 
     await nursery.start(run)
     assert node.links.listen_address is not None
@@ -63,6 +67,10 @@ async def running(
         yield node
     finally:
         scope.cancel()
+        # The store is closed only once the node has stopped using it (a store call running
+        # in a thread finishes first).
+        with trio.CancelScope(shield=True), trio.fail_after(10):
+            await stopped.wait()
         store.close()
 
 
