@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -30,8 +30,9 @@ from p2pnode.dht.seeds import format_host_port
 from p2pnode.dht.service import DhtConfig, DhtService
 from p2pnode.dht.wire import Address
 from p2pnode.home import NodeHome
+from p2pnode.identity import Identity
 from p2pnode.keyfile import Passphrase
-from p2pnode.keystore import load_identity
+from p2pnode.keystore import load_identity, rotate_if_due
 from p2pnode.node import NodeConfig, NodeService
 from p2pnode.store import Store
 
@@ -127,6 +128,45 @@ def advertised_addresses(
     return [("127.0.0.1", port)]
 
 
+#: Seconds between a running daemon's checks whether its encryption key is due for rotation
+#: (:data:`~p2pnode.identity.ROTATE_BEFORE_EXPIRY_MS` before it expires: ten days to spare).
+KEY_ROTATION_CHECK_INTERVAL: Final = 3600.0
+
+
+async def keep_encryption_key_fresh(
+    home: NodeHome,
+    passphrase: Passphrase | None,
+    identity: Identity,
+    on_rotated: Callable[[Identity], None],
+    *,
+    clock: Callable[[], int] = wall_clock_ms,
+    interval: float = KEY_ROTATION_CHECK_INTERVAL,
+) -> None:
+    """Rotate the encryption key of a long-running node when it is due, until cancelled.
+
+    Every ``interval`` seconds: if the current key is due (see
+    :meth:`~p2pnode.identity.Identity.needs_rotation`), the rotated keys are written to
+    ``home`` and then handed to ``on_rotated`` (which republishes the record and starts opening
+    with the new key). Without this a daemon up for more than 30 days would advertise an
+    expired key, and no one could send to it.
+
+    Error handling: a key file that cannot be written is logged and tried again at the next
+    check; the old key stays in use meanwhile.
+    """
+    while True:
+        await trio.sleep(interval)
+        try:
+            rotated = await trio.to_thread.run_sync(
+                rotate_if_due, home, identity, passphrase, clock()
+            )
+        except OSError as exc:
+            log.error("could not save a rotated encryption key (will retry): %s", exc)
+            continue
+        if rotated is not None:
+            identity = rotated
+            on_rotated(rotated)
+
+
 class Daemon:
     """A running node: DHT, node service and control API over one home."""
 
@@ -171,10 +211,22 @@ class Daemon:
                     advertised = advertised_addresses(links, options.advertise, options.seeds)
                     await dht.advertise(advertised)
                     await nursery.start(serve_api, create_app(self), options.home.api_socket)
+                    nursery.start_soon(
+                        keep_encryption_key_fresh,
+                        options.home,
+                        options.passphrase,
+                        identity,
+                        self._use_identity,
+                    )
                     self.started_at = time.monotonic()
                     task_status.started(self)
             finally:
                 store.close()
+
+    def _use_identity(self, identity: Identity) -> None:
+        self.node.use_identity(identity)
+        if self.dht is not None:
+            self.dht.set_identity(identity)
 
 
 async def _cancel_on_signals(scope: trio.CancelScope, *, task_status: Any) -> None:

@@ -155,14 +155,27 @@ def load_identity(home: NodeHome, passphrase: Passphrase | None, now_ms: int) ->
     payload = read_key_file(home.encryption_key, KIND_ENCRYPTION, passphrase)
     keys = _decode_encryption_keys(payload, bytes(signing_key.verify_key), home)
     identity = Identity(signing_key, keys)
-    if identity.needs_rotation(now_ms):
-        identity = identity.rotated(now_ms)
-        _write_encryption_keys(home, identity, passphrase)
-        log.info(
-            "rotated the encryption key; the new one expires at %d",
-            identity.encryption_key.cert.expires,
-        )
-    return identity
+    return rotate_if_due(home, identity, passphrase, now_ms) or identity
+
+
+def rotate_if_due(
+    home: NodeHome, identity: Identity, passphrase: Passphrase | None, now_ms: int
+) -> Identity | None:
+    """If ``identity``'s encryption key is due for rotation, rotate it and save the keys in
+    ``home`` (written before the new key is used); returns the new identity, else None.
+
+    Raises:
+        OSError: if the key file cannot be written (nothing changed then).
+    """
+    if not identity.needs_rotation(now_ms):
+        return None
+    rotated = identity.rotated(now_ms)
+    _write_encryption_keys(home, rotated, passphrase)
+    log.info(
+        "rotated the encryption key; the new one expires at %d",
+        rotated.encryption_key.cert.expires,
+    )
+    return rotated
 
 
 def _write_encryption_keys(

@@ -233,6 +233,17 @@ class NodeService:
         """This node's identity key."""
         return self.identity.public_key
 
+    def use_identity(self, identity: Identity) -> None:
+        """Open envelopes with ``identity``'s keys from now on: the same identity key with a
+        rotated encryption key (older keys stay usable while they may still open messages).
+
+        Raises:
+            ValueError: if ``identity`` has another identity key.
+        """
+        if identity.public_key != self.identity.public_key:
+            raise ValueError("a running node keeps its identity key")
+        self.identity = identity
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

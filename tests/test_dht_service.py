@@ -167,6 +167,23 @@ def test_publisher_republishes_on_address_change_and_before_expiry() -> None:
             assert moved.record.addresses == (("127.0.1.1", 5001),)
             assert moved.record.seq > first.record.seq
 
+            # A rotated encryption key is published at once (a running daemon's rotation).
+            rotated = identities[1].rotated(wall())
+            new_key = bytes(rotated.encryption_key.private_key.public_key)
+            publisher.set_identity(rotated)
+            with trio.fail_after(60):
+                while (
+                    publisher.published is None
+                    or publisher.published.record.encryption_key != new_key
+                ):
+                    await trio.sleep(1)
+            rekeyed = await nodes[4].find_record(identities[1].public_key)
+            assert rekeyed.record.encryption_key == new_key
+            assert rekeyed.record.seq > moved.record.seq
+            with pytest.raises(ValueError, match="one identity key"):
+                publisher.set_identity(identities[2])
+            moved = rekeyed
+
             # Half a lifetime later it has been published again, so it never lapses.
             await trio.sleep(REPUBLISH_AFTER_MS / 1000 + 60)
             later = await nodes[7].find_record(identities[1].public_key)

@@ -452,3 +452,35 @@ async def test_a_send_whose_outbox_write_fails_raises_and_the_node_carries_on(
                 assert counts[DeliveryState.DELIVERED] == 1
                 assert sum(counts.values()) == 1
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_node_with_a_rotated_key_reads_messages_sealed_to_either_key(
+    tmp_path: Path,
+) -> None:
+    directory = Directory()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with (
+                running(nursery, tmp_path, "a", directory) as alice,
+                running(nursery, tmp_path, "b", directory) as bob,
+                running(nursery, tmp_path, "c", directory) as carol,
+            ):
+                before = await alice.send(bob.public_key, b"sealed to the old key")
+                assert (await alice.wait_for_outcome(before)).state is DeliveryState.DELIVERED
+                old_record = directory.records[bob.public_key].record
+                rotated = bob.identity.rotated(wall_clock_ms())
+                bob.use_identity(rotated)
+                assert bob.links.listen_address is not None
+                directory.publish(rotated, [bob.links.listen_address], seq=2)
+                new_record = directory.records[bob.public_key].record
+                assert new_record.encryption_key != old_record.encryption_key
+                # Alice still seals to the key she has; Carol looks Bob up afresh.
+                late = await alice.send(bob.public_key, b"old key, after the rotation")
+                fresh = await carol.send(bob.public_key, b"new key")
+                for sender, message_id in ((alice, late), (carol, fresh)):
+                    entry = await sender.wait_for_outcome(message_id)
+                    assert entry.state is DeliveryState.DELIVERED
+                assert await bob.worker.read(lambda s: s.unread_count()) == 3
+                with pytest.raises(ValueError, match="identity key"):
+                    bob.use_identity(Identity.generate(wall_clock_ms()))
+                nursery.cancel_scope.cancel()

@@ -99,6 +99,18 @@ class RecordPublisher:
             self._addresses = tuple(addresses)
             self._changed.set()
 
+    def set_identity(self, identity: Identity) -> None:
+        """Publish records of ``identity`` (the same identity key with a new encryption key)
+        from now on; republishes at once.
+
+        Raises:
+            ValueError: if ``identity`` has another identity key.
+        """
+        if identity.public_key != self._identity.public_key:
+            raise ValueError("a record publisher publishes for one identity key only")
+        self._identity = identity
+        self._changed.set()
+
     def _next_record(self) -> SignedRecord:
         now = self._node.now_ms()
         self._last_seq = max(now, self._last_seq + 1)
@@ -197,6 +209,19 @@ class DhtService:
             finally:
                 self._save_peers(node)
                 self.node = None
+
+    def set_identity(self, identity: Identity) -> None:
+        """Use ``identity`` (the same identity key, a rotated encryption key) from now on; a
+        running publisher republishes our record with it at once.
+
+        Raises:
+            ValueError: if ``identity`` has another identity key.
+        """
+        if self.identity is not None and identity.public_key != self.identity.public_key:
+            raise ValueError("the DHT service publishes for one identity key only")
+        self.identity = identity
+        if self.publisher is not None:
+            self.publisher.set_identity(identity)
 
     async def advertise(self, addresses: Sequence[Address]) -> None:
         """Publish (or republish) our record with these link addresses.
