@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +36,12 @@ from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.records import PeerRecord, SignedRecord, dht_key
 from p2pnode.dht.storage import RecordStorage
 from p2pnode.identity import Identity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+import benchlib
+
+#: Packages whose versions the result file records.
+PACKAGES = ("trio", "kademlia", "rpcudp", "pynacl", "u-msgpack-python")
 
 HERE = Path(__file__).resolve().parent
 STOCK_SCRIPT = HERE / "stock_kademlia_bench.py"
@@ -172,20 +174,13 @@ def worker_main(options: argparse.Namespace) -> None:
 # --- the driver ----------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
     """p50/p95 over every lookup (a lookup that timed out counts at the timeout) and the
     success rate."""
     latencies = [LOOKUP_TIMEOUT if x is None else x for x in run["latencies"]]
     return {
-        "p50_ms": 1000 * percentile(latencies, 0.50),
-        "p95_ms": 1000 * percentile(latencies, 0.95),
+        "p50_ms": 1000 * benchlib.percentile(latencies, 0.50),
+        "p95_ms": 1000 * benchlib.percentile(latencies, 0.95),
         "success": sum(run["successes"]) / len(run["successes"]),
         "join_s": run["join_seconds"],
         "publish_s": run["publish_seconds"],
@@ -218,32 +213,6 @@ def raw_entry(run: dict[str, Any]) -> dict[str, Any]:
     entry["latencies_ms"] = [None if x is None else round(1000 * x, 3) for x in run["latencies"]]
     entry["successful_lookups"] = sum(run["successes"])
     return entry
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    versions: dict[str, str | None] = {}
-    for package in ("trio", "kademlia", "rpcudp", "pynacl", "u-msgpack-python"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": versions,
-    }
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -350,7 +319,7 @@ def main() -> None:
     report = {
         "benchmark": "dht-lookup",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": benchlib.machine(PACKAGES),
         "config": {
             "sizes": sizes,
             "lookups": lookups,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -57,6 +55,12 @@ from p2pnode.node import NodeConfig, NodeService, StaticDirectory
 from p2pnode.ratelimit import TokenBucket
 from p2pnode.store import DeliveryState, Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+import benchlib
+
+#: Packages whose versions the result file records.
+PACKAGES = ("p2pnode", "trio", "pynacl")
+
 #: Messages per throughput measurement are scaled down for sizes above this many bytes (in
 #: proportion), so that a 16 KiB size takes seconds rather than a minute.
 SCALE_ABOVE_BYTES: Final = 2048
@@ -68,33 +72,6 @@ DELIVERY_TIMEOUT: Final = 600.0
 
 
 # --- shared helpers (also used by scaling.py) ------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """Description of this machine: CPU count and model, platform, Python and package versions."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    versions: dict[str, str | None] = {}
-    for package in ("p2pnode", "trio", "pynacl"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": versions,
-    }
 
 
 def receiver_limits() -> dict[str, float]:
@@ -644,7 +621,7 @@ def main() -> None:
     document = {
         "benchmark": "messaging",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": benchlib.machine(PACKAGES),
         "config": {
             "sizes": sizes,
             "plans": [asdict(plan) for plan in plans],

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+import benchlib
 import plots
 from plots import Chart, Mark, Series
 
@@ -190,18 +191,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "")
 # --- machine and result files ----------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The first ``model name`` of /proc/cpuinfo ("" where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def machine_info() -> dict[str, Any]:
     """This machine now: CPU count (and the CPUs this process may use), CPU model, platform,
     Python, kernel, memory, and the load average (1, 5, 15 minutes) at report time."""
@@ -221,7 +210,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model(),
+        "cpu_model": benchlib.cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "kernel": platform.release(),

@@ -40,21 +40,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sqlite3
 import statistics
-import subprocess
+import sys
 import tempfile
 import threading
 import time
 from http.client import HTTPException
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
-import p2pnode
 from p2pnode.api.client import ApiClient, ApiClientError, DaemonNotRunning
 from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord
@@ -65,6 +61,12 @@ from p2pnode.node import NodeConfig, NodeService, StaticDirectory
 from p2pnode.nodeid import NodeId
 from p2pnode.store import Store
 from p2pnode.testnet import Testnet, TestNode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+import benchlib
+
+#: Packages whose versions the result file records.
+PACKAGES = ("p2pnode", "trio", "hypercorn", "starlette", "pynacl")
 
 HERE: Final = Path(__file__).resolve().parent
 DEFAULT_JSON: Final = HERE / "results-resources.json"
@@ -85,56 +87,6 @@ DELIVERY_TIMEOUT_S: Final = 1800.0
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """CPU count and model, platform, Python and the versions of the packages that matter."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    packages = {}
-    for name in ("p2pnode", "trio", "hypercorn", "starlette", "pynacl"):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "packages": packages,
-    }
-
-
-def source() -> dict[str, Any]:
-    """Which p2pnode code was measured: its directory, and the checkout's commit and whether
-    the package differs from it (None when the package is not inside a git checkout)."""
-    package = Path(p2pnode.__file__).resolve().parent
-    info: dict[str, Any] = {"p2pnode_path": str(package), "git_head": None, "dirty": None}
-    head = subprocess.run(
-        ["git", "-C", str(package), "rev-parse", "HEAD"],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if head.returncode == 0:
-        info["git_head"] = head.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(package), "status", "--porcelain", "--", "."],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        info["dirty"] = bool(dirty.stdout.strip())
-    return info
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -480,7 +432,7 @@ def main() -> None:
     report = {
         "benchmark": "resources",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": benchlib.machine(PACKAGES),
         "config": {
             "messages": messages,
             "contacts": contacts,
@@ -494,7 +446,7 @@ def main() -> None:
             "settle": settle,
             "settle_timeout_s": SETTLE_TIMEOUT_S,
             "units": "RSS in MiB (2**20 bytes), files in bytes unless the name says mib",
-            "source": source(),
+            "source": benchlib.source(),
         },
         "results": results,
         "raw": raw,

@@ -56,6 +56,7 @@ from p2pnode.node import NodeService
 from p2pnode.store import DeliveryState, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+import benchlib
 import messaging
 
 #: Message body size, bytes (the size sweep is ``messaging.py``'s).
@@ -425,7 +426,7 @@ def main() -> None:
     document = {
         "benchmark": "scaling",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": messaging.machine(),
+        "machine": benchlib.machine(messaging.PACKAGES),
         "config": {
             "senders": counts,
             "message_size": SIZE,

@@ -32,24 +32,26 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from http.client import HTTPException
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
-import p2pnode
 from p2pnode.api.client import ApiClient, ApiClientError, DaemonNotRunning
 from p2pnode.testnet import Testnet, TestNode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+import benchlib
+
+#: Packages whose versions the result file records.
+PACKAGES = ("p2pnode", "trio", "hypercorn", "starlette", "pynacl", "click")
 
 HERE: Final = Path(__file__).resolve().parent
 DEFAULT_JSON: Final = HERE / "results-surfaces.json"
@@ -75,62 +77,6 @@ API_FIELDS: Final = (
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of a non-empty list (p99 of 30 samples is the largest)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
-def machine() -> dict[str, Any]:
-    """CPU count and model, platform, Python and the versions of the packages that matter."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    packages = {}
-    for name in ("p2pnode", "trio", "hypercorn", "starlette", "pynacl", "click"):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": packages,
-    }
-
-
-def source() -> dict[str, Any]:
-    """Which p2pnode code was measured: its directory, and the checkout's commit and whether
-    the package differs from it (None when the package is not inside a git checkout)."""
-    package = Path(p2pnode.__file__).resolve().parent
-    info: dict[str, Any] = {"p2pnode_path": str(package), "git_head": None, "dirty": None}
-    head = subprocess.run(
-        ["git", "-C", str(package), "rev-parse", "HEAD"],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if head.returncode == 0:
-        info["git_head"] = head.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(package), "status", "--porcelain", "--", "."],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        info["dirty"] = bool(dirty.stdout.strip())
-    return info
 
 
 def cli_program() -> Path:
@@ -275,8 +221,8 @@ def api_throughput(
         "delivered_per_s": total / (delivered_at - start),
         "accept_seconds": accepted_at - start,
         "deliver_seconds": delivered_at - start,
-        "post_ms_p50": percentile(latencies, 0.50),
-        "post_ms_p99": percentile(latencies, 0.99),
+        "post_ms_p50": benchlib.percentile(latencies, 0.50),
+        "post_ms_p99": benchlib.percentile(latencies, 0.99),
         "client_cpu_share": client_cpu / (accepted_at - start),
         "sender_daemon_cpu_share": daemon_cpu["sender"],
         # API connections the client closed but the daemon still holds (see README).
@@ -304,8 +250,8 @@ async def one_run(args: argparse.Namespace) -> dict[str, Any]:
             )
     cli = {
         name: {
-            "p50": percentile(values, 0.50),
-            "p99": percentile(values, 0.99),
+            "p50": benchlib.percentile(values, 0.50),
+            "p99": benchlib.percentile(values, 0.99),
             "samples_ms": [round(v, 3) for v in values],
         }
         for name, values in samples.items()
@@ -431,7 +377,7 @@ def main() -> None:
     report = {
         "benchmark": "surfaces",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": benchlib.machine(PACKAGES),
         "config": {
             "runs": args.runs,
             "cli_runs": args.cli_runs,
@@ -443,7 +389,7 @@ def main() -> None:
             "api_client": "p2pnode.api.client.ApiClient (stdlib http.client over the Unix "
             "socket, one connection per request), one per thread",
             "cli": "the venv's p2pnode console script, --home of the sending daemon",
-            "source": source(),
+            "source": benchlib.source(),
         },
         "results": results,
         "raw": runs,

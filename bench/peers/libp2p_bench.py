@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import queue
 import statistics
 import subprocess
@@ -41,6 +39,9 @@ import threading
 import time
 from pathlib import Path
 from typing import IO, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not a package
+import benchlib
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
@@ -251,13 +252,6 @@ def one_run(python: Path, options: argparse.Namespace) -> dict[str, Any]:
 # --- summaries -------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
 def summarise(run: dict[str, Any]) -> dict[str, float]:
     """The :data:`RESULT_FIELDS` of one run."""
     default = run["connects"]["default"]
@@ -270,16 +264,18 @@ def summarise(run: dict[str, Any]) -> dict[str, float]:
     return {
         "one_way_per_s": one_way["per_s"],
         "acked_per_s": acked["per_s"],
-        "rtt_p50_ms": percentile(run["rtt_ms"], 0.50),
-        "rtt_p99_ms": percentile(run["rtt_ms"], 0.99),
-        "connect_p50_ms": percentile(column(default, "total_ms"), 0.50),
-        "connect_p99_ms": percentile(column(default, "total_ms"), 0.99),
-        "connect_dial_p50_ms": percentile(column(default, "connect_ms"), 0.50),
-        "connect_stream_p50_ms": percentile(column(default, "new_stream_ms"), 0.50),
-        "connect_one_conn_p50_ms": percentile(column(single, "total_ms"), 0.50),
-        "connect_one_conn_p99_ms": percentile(column(single, "total_ms"), 0.99),
-        "connect_one_conn_dial_p50_ms": percentile(column(single, "connect_ms"), 0.50),
-        "connect_one_conn_stream_p50_ms": percentile(column(single, "new_stream_ms"), 0.50),
+        "rtt_p50_ms": benchlib.percentile(run["rtt_ms"], 0.50),
+        "rtt_p99_ms": benchlib.percentile(run["rtt_ms"], 0.99),
+        "connect_p50_ms": benchlib.percentile(column(default, "total_ms"), 0.50),
+        "connect_p99_ms": benchlib.percentile(column(default, "total_ms"), 0.99),
+        "connect_dial_p50_ms": benchlib.percentile(column(default, "connect_ms"), 0.50),
+        "connect_stream_p50_ms": benchlib.percentile(column(default, "new_stream_ms"), 0.50),
+        "connect_one_conn_p50_ms": benchlib.percentile(column(single, "total_ms"), 0.50),
+        "connect_one_conn_p99_ms": benchlib.percentile(column(single, "total_ms"), 0.99),
+        "connect_one_conn_dial_p50_ms": benchlib.percentile(column(single, "connect_ms"), 0.50),
+        "connect_one_conn_stream_p50_ms": benchlib.percentile(
+            column(single, "new_stream_ms"), 0.50
+        ),
         "first_connect_ms": run["first_connect_ms"],
         "one_way_sender_cpu_us_per_msg": 1e6 * one_way["sender_cpu_s"] / one_way["messages"],
         "acked_sender_cpu_us_per_msg": 1e6 * acked["sender_cpu_s"] / acked["messages"],
@@ -295,27 +291,6 @@ def combine(summaries: list[dict[str, float]]) -> dict[str, float]:
         combined[f"{name}_min"] = min(values)
         combined[f"{name}_max"] = max(values)
     return combined
-
-
-def machine() -> dict[str, Any]:
-    """CPU count and model, platform, Python version, and the 1-minute load average now."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "loadavg_1min_at_start": os.getloadavg()[0],
-        "cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def print_table(results: dict[str, Any], runs: int, window: int) -> None:
@@ -384,7 +359,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "benchmark": "transport-peer-libp2p",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": benchlib.machine(),
         "config": config,
     }
     python, reason = ensure_venv()

@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not a package
+import benchlib
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
@@ -182,21 +182,14 @@ def run_worker(command: list[str], timeout: float) -> tuple[dict[str, Any] | Non
     return result, ""
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of a non-empty list (the definition of ``dht_bench.py``)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
     """One run's figures, keyed as in ``bench/dht_bench.py``'s results: p50/p95 over every
     lookup (a lookup without an outcome counts at :data:`LOOKUP_TIMEOUT`), success rate
     (fraction), join and store seconds, fraction of puts OpenDHT reported done."""
     latencies = [LOOKUP_TIMEOUT if x is None else x for x in run["latencies"]]
     return {
-        "p50_ms": 1000 * percentile(latencies, 0.50),
-        "p95_ms": 1000 * percentile(latencies, 0.95),
+        "p50_ms": 1000 * benchlib.percentile(latencies, 0.50),
+        "p95_ms": 1000 * benchlib.percentile(latencies, 0.95),
         "success": sum(run["successes"]) / len(run["successes"]),
         "join_s": run["join_seconds"],
         "publish_s": run["publish_seconds"],
@@ -225,29 +218,6 @@ def raw_entry(run: dict[str, Any]) -> dict[str, Any]:
     entry["latencies_ms"] = [None if x is None else round(1000 * x, 3) for x in run["latencies"]]
     entry["successful_lookups"] = sum(run["successes"])
     return entry
-
-
-def machine(opendht_version: str | None) -> dict[str, Any]:
-    """CPU count and model, platform, Python, and the measured package's version."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpus": usable or os.cpu_count(),
-        "nproc": os.cpu_count(),
-        "usable_cpus": usable,
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": {PACKAGE: opendht_version},
-    }
 
 
 def print_table(results: dict[str, dict[str, Any]], sizes: list[int]) -> None:
@@ -328,7 +298,7 @@ def main() -> None:
     if version is None:
         print(f"skipped: {reason}", file=sys.stderr)
         report |= {
-            "machine": machine(None),
+            "machine": benchlib.machine(extra={"packages": {PACKAGE: None}}),
             "config": config,
             "results": {},
             "raw": [],
@@ -388,7 +358,7 @@ def main() -> None:
     print_table(results, sizes)
 
     report |= {
-        "machine": machine(version),
+        "machine": benchlib.machine(extra={"packages": {PACKAGE: version}}),
         "config": config,
         # Keyed like dht_bench.py's "results" (implementation, then N as a string).
         "results": {"opendht": results},
