@@ -88,8 +88,6 @@ MAX_IN_FLIGHT: Final = 256
 #: Messages sealed in one go before the link may write them: the recipient starts on the first
 #: while the next are sealed (sealing 256 at once held everything back for 25 ms).
 SEAL_CHUNK: Final = 32
-#: Seconds added to a throttled peer's computed wait (see _on_envelope).
-_THROTTLE_SLACK: Final = 1e-6
 #: Recipients' verified records kept in memory.
 MAX_REMEMBERED_RECORDS: Final = 4096
 #: Events buffered per subscriber; a subscriber that falls further behind misses events
@@ -606,10 +604,9 @@ class NodeService:
         bucket = self._incoming.bucket(link.peer)
         if not bucket.try_take(trio.current_time()):
             self.stats["throttled"] += 1
-            # This peer's link waits; others are unaffected. The slack covers float rounding,
-            # which can leave the bucket a hair short of a token at the computed time.
+            # This peer's link waits; others are unaffected.
             while not bucket.try_take(trio.current_time()):
-                await trio.sleep(bucket.wait_time(trio.current_time()) + _THROTTLE_SLACK)
+                await trio.sleep(bucket.wait_time(trio.current_time()))
         now = self._clock()
         try:
             message = open_message(

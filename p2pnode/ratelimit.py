@@ -12,6 +12,10 @@ from typing import Final
 #: Buckets a :class:`KeyedLimiter` remembers; the least recently used is forgotten beyond this,
 #: so a peer cycling through addresses cannot grow our memory.
 MAX_TRACKED_KEYS: Final = 4096
+#: Tokens a bucket may be short of ``amount`` and still grant it: refilling in floating point
+#: can leave it a hair under a whole token at exactly the time :meth:`TokenBucket.wait_time`
+#: named, and a caller that waited that long must then get its token.
+ROUNDING_TOLERANCE: Final = 1e-6
 
 
 @dataclass
@@ -32,10 +36,11 @@ class TokenBucket:
         self.updated = now if self.updated is None else max(self.updated, now)
 
     def try_take(self, now: float, amount: float = 1.0) -> bool:
-        """Take ``amount`` tokens if there are enough; True if taken."""
+        """Take ``amount`` tokens if there are enough; True if taken. After waiting
+        :meth:`wait_time` seconds (and nothing else taking tokens) this succeeds."""
         self._refill(now)
-        if self.tokens >= amount:
-            self.tokens -= amount
+        if self.tokens >= amount - ROUNDING_TOLERANCE:
+            self.tokens = max(0.0, self.tokens - amount)
             return True
         return False
 
@@ -43,7 +48,7 @@ class TokenBucket:
         """Seconds until ``amount`` tokens are available (0 if they are now)."""
         self._refill(now)
         missing = amount - self.tokens
-        return 0.0 if missing <= 0 else missing / self.rate
+        return 0.0 if missing <= ROUNDING_TOLERANCE else missing / self.rate
 
 
 class KeyedLimiter:
