@@ -1127,39 +1127,15 @@ class Store:
             (next_attempt_at, _error_text(error), now),
         )
 
-    def mark_delivered(self, message_id: bytes, now: int) -> bool:
-        """Record that the recipient's receipt for this message was checked.
-
-        Idempotent: a second receipt changes nothing. Only ``queued`` or ``sent`` entries
-        change; ``delivered`` is terminal, and a ``failed`` entry stays failed.
-
-        Returns:
-            True if the entry changed to ``delivered`` now; False if it was already
-            ``delivered`` or ``failed``.
-
-        Raises:
-            UnknownMessageError: no entry has this id.
-            TypeError, ValueError: an argument has the wrong type, size or range.
-            StoreError: SQLite failed.
-        """
-        _check_bytes("message_id", message_id, MESSAGE_ID_SIZE)
-        _check_int("now", now)
-        return self._transition(
-            "mark_delivered",
-            message_id,
-            _PENDING,
-            "UPDATE outbox SET state = 'delivered', updated_at = ? WHERE id = ?",
-            (now,),
-        )
-
     def mark_delivered_by(
         self, recipient: bytes, message_ids: Sequence[bytes], now: int
     ) -> list[bytes]:
         """Record one receipt from ``recipient`` naming ``message_ids``, in one transaction.
 
-        As :meth:`mark_delivered` for each id, except that an entry addressed to anyone else is
-        left alone (a receipt counts only from the node the message was for) and an id not in
-        the outbox is skipped (a receipt may name what a peer believes we sent).
+        Only ``queued`` or ``sent`` entries change; ``delivered`` is terminal (a second receipt
+        changes nothing), and a ``failed`` entry stays failed. An entry addressed to anyone else
+        is left alone (a receipt counts only from the node the message was for) and an id not
+        in the outbox is skipped (a receipt may name what a peer believes we sent).
 
         Returns:
             The ids that changed to ``delivered`` now, in the order given.

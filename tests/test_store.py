@@ -411,7 +411,7 @@ def test_outbox_due_filters_and_orders(store: Store) -> None:
     store.enqueue(mid(3), key(1), b"c", T0 + 1, T0 + HOUR)
     store.enqueue(mid(4), key(1), b"later", T0 + 50, T0 + HOUR)
     store.enqueue(mid(5), key(1), b"delivered", T0, T0 + HOUR)
-    store.mark_delivered(mid(5), T0)
+    store.mark_delivered_by(key(1), [mid(5)], T0)
     store.enqueue(mid(6), key(1), b"failed", T0, T0 + HOUR)
     store.mark_failed(mid(6), T0, "gave up")
     store.enqueue(mid(7), key(1), b"expired", T0, T0 + 5)
@@ -466,11 +466,11 @@ def test_long_error_text_is_truncated(store: Store) -> None:
     assert len(entry.last_error) == MAX_ERROR_TEXT
 
 
-def test_mark_delivered_is_idempotent_and_terminal(store: Store) -> None:
+def test_a_receipt_is_idempotent_and_delivered_is_terminal(store: Store) -> None:
     store.enqueue(mid(1), key(1), b"x", T0, T0 + HOUR)
     store.mark_sent(mid(1), T0 + 1)
-    assert store.mark_delivered(mid(1), T0 + 2) is True
-    assert store.mark_delivered(mid(1), T0 + 3) is False  # second receipt
+    assert store.mark_delivered_by(key(1), [mid(1)], T0 + 2) == [mid(1)]
+    assert store.mark_delivered_by(key(1), [mid(1)], T0 + 3) == []  # second receipt
     assert store.mark_failed(mid(1), T0 + 4, "too late") is False
     assert store.record_attempt_failure(mid(1), T0 + 5, T0 + 10, "late timeout") is False
     assert store.mark_sent(mid(1), T0 + 6) is False
@@ -483,16 +483,16 @@ def test_mark_delivered_is_idempotent_and_terminal(store: Store) -> None:
     )
 
 
-def test_mark_delivered_from_queued(store: Store) -> None:
+def test_a_receipt_delivers_a_queued_message(store: Store) -> None:
     store.enqueue(mid(1), key(1), b"x", T0, T0 + HOUR)
-    assert store.mark_delivered(mid(1), T0 + 1)
+    assert store.mark_delivered_by(key(1), [mid(1)], T0 + 1) == [mid(1)]
 
 
 def test_failed_is_terminal(store: Store) -> None:
     store.enqueue(mid(1), key(1), b"x", T0, T0 + HOUR)
     assert store.mark_failed(mid(1), T0 + 1, "recipient unknown") is True
     assert store.mark_failed(mid(1), T0 + 2, "again") is False
-    assert store.mark_delivered(mid(1), T0 + 3) is False
+    assert store.mark_delivered_by(key(1), [mid(1)], T0 + 3) == []
     assert store.mark_sent(mid(1), T0 + 4) is False
     entry = store.outbox_get(mid(1))
     assert entry is not None
@@ -504,7 +504,6 @@ def test_failed_is_terminal(store: Store) -> None:
     [
         lambda s: s.mark_sent(mid(9), T0),
         lambda s: s.record_attempt_failure(mid(9), T0, T0, "x"),
-        lambda s: s.mark_delivered(mid(9), T0),
         lambda s: s.mark_failed(mid(9), T0, "x"),
     ],
 )
@@ -519,7 +518,7 @@ def test_outbox_counts(store: Store) -> None:
         store.enqueue(mid(n), key(1), b"x", T0, T0 + HOUR)
     store.mark_sent(mid(0), T0)
     store.mark_sent(mid(1), T0)
-    store.mark_delivered(mid(1), T0)
+    store.mark_delivered_by(key(1), [mid(1)], T0)
     store.mark_failed(mid(2), T0, "no")
     assert store.outbox_counts() == {
         DeliveryState.QUEUED: 2,
@@ -534,7 +533,7 @@ def test_outbox_expire(store: Store) -> None:
     store.enqueue(mid(2), key(1), b"x", T0, T0 + 10)
     store.enqueue(mid(3), key(1), b"x", T0, T0 + HOUR)
     store.enqueue(mid(4), key(1), b"x", T0, T0 + 5)
-    store.mark_delivered(mid(4), T0 + 1)
+    store.mark_delivered_by(key(1), [mid(4)], T0 + 1)
     assert store.outbox_expire(T0 + 20) == [mid(2), mid(1)]
     assert store.outbox_expire(T0 + 20) == []
     entry = store.outbox_get(mid(1))
@@ -551,9 +550,9 @@ def test_outbox_expire(store: Store) -> None:
 def test_outbox_prune_removes_only_old_terminal_entries(store: Store) -> None:
     for n in range(4):
         store.enqueue(mid(n), key(1), b"x", T0, T0 + HOUR)
-    store.mark_delivered(mid(0), T0 + 1)
+    store.mark_delivered_by(key(1), [mid(0)], T0 + 1)
     store.mark_failed(mid(1), T0 + 2, "no")
-    store.mark_delivered(mid(2), T0 + 100)
+    store.mark_delivered_by(key(1), [mid(2)], T0 + 100)
     assert store.outbox_prune(T0 + 50) == 2
     assert [store.outbox_get(mid(n)) is None for n in range(4)] == [True, True, False, False]
 
@@ -592,7 +591,7 @@ def test_outbox_state_machine_matches_model(shared_store: Store, ops: list[str])
             new_state = DeliveryState.QUEUED
             attempts += pending
         elif op == "delivered":
-            changed = shared_store.mark_delivered(message_id, now)
+            changed = shared_store.mark_delivered_by(key(1), [message_id], now) == [message_id]
             new_state = DeliveryState.DELIVERED
         else:
             changed = shared_store.mark_failed(message_id, now, "gave up")
