@@ -7,8 +7,8 @@ signed receipt comes back. Delivery starts while the outbox write is being commi
 commit's disk flush and the trip to the recipient overlap: what ``send`` promises is that a
 message it returned an id for is never lost. A crash before it returns leaves the caller
 without an id (as any crash in the middle of a call does); the recipient may have the message
-by then. Failed attempts are retried with exponential backoff and
-jitter until the message expires (default 7 days), when it is marked failed with the reason.
+by then. Failed attempts are retried with exponential backoff and jitter until the message
+expires (default 7 days), when it is marked failed with the reason.
 
 Receiving: an envelope is opened and verified, stored durably in the inbox, and only then
 acknowledged with a receipt. A duplicate id is acknowledged again and stored once. Each peer's
