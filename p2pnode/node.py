@@ -278,12 +278,20 @@ class NodeService:
         message_id = new_message_id()
         now = self._clock()
         expires = now + self.config.expiry_ms
-        if self._nursery is not None:
-            # Straight to delivery, overlapping the commit below (the outbox scan covers
-            # retries). A receipt's store change queues behind this write, so it finds the row.
-            self._dispatch([OutboxEntry.queued(message_id, recipient, body, now, expires)])
+        entry = OutboxEntry.queued(message_id, recipient, body, now, expires)
+
+        def deliver() -> None:
+            # Straight to delivery once the outbox commit has begun, overlapping it (sealing
+            # first would delay the commit, and so this return, by the seal). The outbox scan
+            # covers retries. A receipt's store change queues behind this write: it finds the
+            # row.
+            if self._nursery is not None:
+                self._dispatch([entry])
+
         try:
-            await self.worker.write(lambda s: s.enqueue(message_id, recipient, body, now, expires))
+            await self.worker.write(
+                lambda s: s.enqueue(message_id, recipient, body, now, expires), on_start=deliver
+            )
         except BaseException:
             self._withdraw(recipient, message_id)
             raise

@@ -6,18 +6,28 @@ message would cap throughput at a few thousand messages per second and block the
 applies them in one :meth:`Store.batch` in a worker thread, then hands each caller its result.
 A result is only ever handed out after the commit that made it durable.
 
+Every store call runs on one long-lived thread of the worker's own (:class:`_StoreThread`)
+rather than through :func:`trio.to_thread.run_sync`: the hand-off is on every message's round
+trip (the inbox commit before a receipt), and a plain queue to a waiting thread costs 20-30 us
+less per call than trio's general-purpose one (measured 35 against 55 us with the CPUs busy).
+
 Resource handling: :meth:`StoreWorker.run` owns the worker loop; it stops when cancelled, after
 finishing the batch in progress (a commit is never abandoned half-way: the thread runs to its
-end, and its results are delivered).
+end, and its results are delivered). The store thread starts on the first call and ends by
+itself after :data:`STORE_THREAD_IDLE_EXIT` seconds without work.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
+import outcome
 import trio
 
 from p2pnode.store import Store
@@ -34,6 +44,65 @@ MAX_QUEUED: Final = 10_000
 #: Changes submitted without yielding to the scheduler at most: a reader going through a
 #: large read must still let finished commits deliver their results (receipts) promptly.
 MAX_SUBMITS_WITHOUT_YIELD: Final = 16
+#: Seconds the store thread waits for work before it ends (the next call starts a new one);
+#: as trio's own thread cache does, so an idle node holds no thread.
+STORE_THREAD_IDLE_EXIT: Final = 10.0
+
+
+class _StoreThread:
+    """Runs functions one at a time, in call order, on one OS thread, for trio tasks.
+
+    :meth:`call` is not cancellable once made: the function runs to its end and its outcome
+    goes to the caller (a store change abandoned half-way would leave its caller unsure
+    whether it was committed). The thread is started on demand and ends after
+    :data:`STORE_THREAD_IDLE_EXIT` seconds without work.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[
+            tuple[Callable[[], Any], trio.lowlevel.TrioToken, trio.lowlevel.Task]
+        ] = queue.SimpleQueue()
+        self._guard = threading.Lock()  # between a call and the thread deciding to end
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is alive now (for tests and status)."""
+        with self._guard:
+            return self._thread is not None
+
+    async def call(self, function: Callable[[], T]) -> T:
+        """Run ``function()`` on the thread and return its result (or raise its exception)."""
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+        with self._guard:
+            self._calls.put((function, token, task))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread.start()
+        # Daemon: the thread never outlives a waiting caller (the wait is not cancellable),
+        # so trio.run cannot return, and the interpreter cannot exit, while it runs a call.
+        result: T = await trio.lowlevel.wait_task_rescheduled(
+            lambda _raise_cancel: trio.lowlevel.Abort.FAILED
+        )
+        return result
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                function, token, task = self._calls.get(timeout=STORE_THREAD_IDLE_EXIT)
+            except queue.Empty:
+                with self._guard:
+                    if self._calls.empty():
+                        self._thread = None
+                        return
+                continue
+            result = outcome.capture(function)
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            except trio.RunFinishedError:  # cannot happen while the caller waits; be safe
+                log.error("store thread: the caller's trio run has ended")
 
 
 @dataclass
@@ -43,6 +112,7 @@ class _Job(Generic[T]):
     result: T | None = None
     error: BaseException | None = None
     on_commit: Callable[[T | None, BaseException | None], None] | None = None
+    on_start: Callable[[], None] | None = None
 
 
 class StoreWorker:
@@ -58,7 +128,7 @@ class StoreWorker:
         #: acknowledges a whole commit's messages with one receipt there).
         self.after_commit = after_commit
         self._send, self._receive = trio.open_memory_channel[_Job[Any]](MAX_QUEUED)
-        self._lock = trio.Lock()  # one thread uses the connection at a time
+        self._thread = _StoreThread("p2pnode-store")  # the only thread using the store
         self._idle = False  # waiting for changes, no commit running
         self._submits_without_yield = 0
         #: Commits made, and changes committed (for status and benchmarks).
@@ -80,11 +150,13 @@ class StoreWorker:
                     jobs.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            async with self._lock:
-                # Shielded: once a batch starts it is committed (or fails) and every caller
-                # hears about it; cancelling the node must not leave callers waiting forever.
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._apply, jobs)
+            # Once a batch starts it is committed (or fails) and every caller hears about it:
+            # the thread call cannot be cancelled, so cancelling the node leaves no caller
+            # waiting forever.
+            for job in jobs:
+                if job.on_start is not None:
+                    job.on_start()
+            await self._thread.call(functools.partial(self._apply, jobs))
             for job in jobs:
                 if job.on_commit is not None:
                     job.on_commit(job.result, job.error)
@@ -109,14 +181,21 @@ class StoreWorker:
         self.commits += 1
         self.changes += len(jobs)
 
-    async def write(self, change: Callable[[Store], T]) -> T:
+    async def write(
+        self, change: Callable[[Store], T], *, on_start: Callable[[], None] | None = None
+    ) -> T:
         """Apply ``change`` in the next group commit and return its result once durable.
+
+        ``on_start``, if given, is called (in the worker's task, so it must not block or raise)
+        when the commit that holds ``change`` begins: work that may overlap the commit, such as
+        delivering a message whose outbox row is being written, starts then rather than
+        racing the commit for the CPU before it has begun.
 
         Raises:
             whatever ``change`` raised (its effects rolled back), or the commit's StoreError.
         """
         done = trio.Event()
-        job: _Job[T] = _Job(change, done=done)
+        job: _Job[T] = _Job(change, done=done, on_start=on_start)
         await self._send.send(job)
         await done.wait()
         if job.error is not None:
@@ -148,6 +227,11 @@ class StoreWorker:
             await trio.lowlevel.checkpoint()
 
     async def read(self, query: Callable[[Store], T]) -> T:
-        """Run a read-only ``query`` in a worker thread, between commits."""
-        async with self._lock:
-            return await trio.to_thread.run_sync(query, self.store)
+        """Run a read-only ``query`` on the store thread, between commits."""
+        store = self.store
+        return await self._thread.call(lambda: query(store))
+
+    @property
+    def thread_running(self) -> bool:
+        """Whether the store thread is alive (it ends by itself when idle)."""
+        return self._thread.running

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
+from p2pnode import storeworker
 from p2pnode.store import DuplicateMessageError, Store
 from p2pnode.storeworker import StoreWorker
 
@@ -90,4 +94,109 @@ async def test_a_failing_change_fails_alone(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     assert outcomes == {"duplicate": "refused", "fresh": b"new"}
     assert store.outbox_get(mid(1)).body == b"first"  # type: ignore[union-attr]
+    store.close()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (set from the store thread) until true; the caller bounds the time."""
+    while not condition():
+        await trio.sleep(0.001)
+
+
+async def test_on_start_runs_when_its_commit_begins_not_while_another_runs(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    first_running, release_first = threading.Event(), threading.Event()
+    started: list[str] = []
+    seen_by_second_change: list[list[str]] = []
+
+    def slow_first(s: Store) -> None:
+        first_running.set()
+        release_first.wait(10)
+        s.enqueue(mid(1), RECIPIENT, b"first", T0, T0 + 1000)
+
+    def second(s: Store) -> None:
+        seen_by_second_change.append(list(started))
+        s.enqueue(mid(2), RECIPIENT, b"second", T0, T0 + 1000)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            nursery.start_soon(functools.partial(worker.write, slow_first))
+            await wait_until(first_running.is_set)
+            nursery.start_soon(
+                functools.partial(worker.write, second, on_start=lambda: started.append("second"))
+            )
+            await wait_until(lambda: worker._send.statistics().current_buffer_used == 1)
+            assert started == []  # queued behind the running commit: not begun
+            release_first.set()
+            await wait_until(lambda: bool(seen_by_second_change))
+            await wait_until(lambda: store.outbox_get(mid(2)) is not None)
+            nursery.cancel_scope.cancel()
+    # on_start ran once, before the change itself was applied
+    assert started == ["second"] and seen_by_second_change == [["second"]]
+    store.close()
+
+
+async def test_a_commit_under_way_ends_and_reports_even_if_the_worker_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    running, release = threading.Event(), threading.Event()
+    results: list[bytes] = []
+
+    def slow(s: Store) -> bytes:
+        running.set()
+        release.wait(10)
+        return s.enqueue(mid(1), RECIPIENT, b"kept", T0, T0 + 1000).body
+
+    async def writer() -> None:
+        results.append(await worker.write(slow))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            outer.start_soon(writer)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+                await wait_until(running.is_set)
+                nursery.cancel_scope.cancel()
+                release.set()
+    assert results == [b"kept"]
+    assert store.outbox_get(mid(1)) is not None
+    store.close()
+
+
+async def test_a_failing_read_raises_to_its_caller_and_the_next_read_works(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    store.enqueue(mid(1), RECIPIENT, b"there", T0, T0 + 1000)
+    worker = StoreWorker(store)
+
+    def broken(_s: Store) -> None:
+        raise LookupError("query failed")
+
+    with trio.fail_after(10):
+        with pytest.raises(LookupError, match="query failed"):
+            await worker.read(broken)
+        entry = await worker.read(lambda s: s.outbox_get(mid(1)))
+    assert entry is not None and entry.body == b"there"
+    store.close()
+
+
+async def test_the_store_thread_ends_when_idle_and_a_later_call_starts_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storeworker, "STORE_THREAD_IDLE_EXIT", 0.05)
+    store = Store.open(tmp_path / "s.db")
+    store.enqueue(mid(1), RECIPIENT, b"x", T0, T0 + 1000)
+    worker = StoreWorker(store)
+    assert not worker.thread_running  # nothing is started before it is needed
+    with trio.fail_after(10):
+        assert await worker.read(lambda s: s.outbox_get(mid(1))) is not None
+        assert worker.thread_running
+        await wait_until(lambda: not worker.thread_running)
+        entry = await worker.read(lambda s: s.outbox_get(mid(1)))
+    assert entry is not None and entry.body == b"x"
     store.close()
