@@ -208,6 +208,9 @@ class NodeService:
         # Per recipient: messages sent and awaiting their receipt, by id, with when sent.
         self._awaiting: dict[bytes, dict[bytes, float]] = {}
         self._awaiting_recipient: dict[bytes, bytes] = {}  # message id -> recipient
+        # Receipted messages whose delivered state is being committed: out of the window
+        # already (the peer has them), but not to be sent again by a scan meanwhile.
+        self._recording: set[bytes] = set()
         self._state_changed: dict[bytes, trio.Event] = {}
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         self._nursery: trio.Nursery | None = None
@@ -374,6 +377,8 @@ class NodeService:
         assert self._nursery is not None
         stale = trio.current_time() - self.config.receipt_timeout_ms / 1000
         for entry in due:
+            if entry.message_id in self._recording:
+                continue  # receipted; its delivered state is on its way to the store
             awaiting = self._awaiting.get(entry.recipient, {})
             sent_at = awaiting.get(entry.message_id)
             if sent_at is not None:
@@ -695,11 +700,18 @@ class NodeService:
             for message_id in ids:
                 self.on_receipt(message_id)
         now = self._clock()
+        # The peer holds these durably: they leave the in-flight window now, so sending goes
+        # on while the delivered state is committed here (waiting for that commit as well
+        # kept the window full of messages the receiver was already done with).
+        for message_id in ids:
+            self._receipt_settled(message_id)
+        self._recording.update(ids)
+        self._progressed()
 
         def committed(changed: list[bytes] | None, error: BaseException | None) -> None:
-            for message_id in ids:
-                self._receipt_settled(message_id)
-            self._progressed()
+            # On an error the rows stay pending and the outbox scan sends them again; the
+            # receiver acknowledges them again and stores nothing twice.
+            self._recording.difference_update(ids)
             if error is None and changed:
                 self.stats["delivered"] += len(changed)
                 for message_id in changed:

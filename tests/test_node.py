@@ -7,9 +7,11 @@ Nodes talk over real loopback TCP links; records come from a fixed directory ins
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -211,6 +213,46 @@ async def test_at_most_max_in_flight_messages_await_receipts(tmp_path: Path) -> 
                     assert entry.state is DeliveryState.DELIVERED
                 assert alice.stats["delivered"] == 10
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_receipt_frees_the_window_before_the_delivered_state_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Recording "delivered" waits for the sender's own commit; the receiver is done with the
+    # messages once its receipt is out, so sending must go on meanwhile.
+    bob_identity = Identity.generate(wall_clock_ms())
+    now = wall_clock_ms()
+    with Store.open(tmp_path / "a.db") as queued:
+        for i in range(12):
+            queued.enqueue(b"%016d" % i, bob_identity.public_key, b"m", now, now + 60_000)
+    recording = threading.Event()
+    real_mark_delivered_by = Store.mark_delivered_by
+
+    def held(self: Store, *args: Any, **kwargs: Any) -> list[bytes]:
+        recording.wait(10)
+        return real_mark_delivered_by(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "mark_delivered_by", held)
+    directory = Directory()
+    config = NodeConfig(backoff_base_ms=20, backoff_max_ms=100, max_in_flight=4)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            try:
+                async with (
+                    running(nursery, tmp_path, "b", directory, identity=bob_identity) as bob,
+                    running(nursery, tmp_path, "a", directory, config=config) as alice,
+                ):
+                    with trio.fail_after(10):
+                        await wait_until(lambda: bob.stats["received"] == 12)
+                    assert alice.stats["delivered"] == 0  # none recorded yet
+                    recording.set()
+                    await wait_until(lambda: alice.stats["delivered"] == 12)
+                    assert bob.stats["duplicate"] == 0  # nothing was sent twice meanwhile
+                    counts = await alice.worker.read(lambda s: s.outbox_counts())
+                    assert counts[DeliveryState.DELIVERED] == 12
+                    nursery.cancel_scope.cancel()
+            finally:
+                recording.set()
 
 
 async def test_one_receipt_acknowledges_a_burst(tmp_path: Path) -> None:
