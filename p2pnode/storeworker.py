@@ -10,6 +10,9 @@ Every store call runs on one long-lived thread of the worker's own (:class:`_Sto
 rather than through :func:`trio.to_thread.run_sync`: the hand-off is on every message's round
 trip (the inbox commit before a receipt), and a plain queue to a waiting thread costs 20-30 us
 less per call than trio's general-purpose one (measured 35 against 55 us with the CPUs busy).
+A commit's callbacks (and so its receipts) run in the callback that hands its result back to
+trio, a scheduler round before the worker's task could run them (0.07 ms from the commit's end
+to the receipt hook on the round trip here, against 0.11-0.16 ms before).
 
 Resource handling: :meth:`StoreWorker.run` owns the worker loop; it stops when cancelled, after
 finishing the batch in progress (a commit is never abandoned half-way: the thread runs to its
@@ -61,7 +64,12 @@ class _StoreThread:
     def __init__(self, name: str) -> None:
         self._name = name
         self._calls: queue.SimpleQueue[
-            tuple[Callable[[], Any], trio.lowlevel.TrioToken, trio.lowlevel.Task]
+            tuple[
+                Callable[[], Any],
+                trio.lowlevel.TrioToken,
+                trio.lowlevel.Task,
+                Callable[[], None] | None,
+            ]
         ] = queue.SimpleQueue()
         self._guard = threading.Lock()  # between a call and the thread deciding to end
         self._thread: threading.Thread | None = None
@@ -72,12 +80,17 @@ class _StoreThread:
         with self._guard:
             return self._thread is not None
 
-    async def call(self, function: Callable[[], T]) -> T:
-        """Run ``function()`` on the thread and return its result (or raise its exception)."""
+    async def call(self, function: Callable[[], T], *, then: Callable[[], None] | None = None) -> T:
+        """Run ``function()`` on the thread and return its result (or raise its exception).
+
+        ``then``, if given, runs in trio as soon as ``function`` has returned, before the
+        caller is woken: in the callback that hands the result back, one scheduler round
+        sooner than the caller could. It must not block; an exception in it is logged.
+        """
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
         with self._guard:
-            self._calls.put((function, token, task))
+            self._calls.put((function, token, task, then))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
@@ -91,7 +104,7 @@ class _StoreThread:
     def _serve(self) -> None:
         while True:
             try:
-                function, token, task = self._calls.get(timeout=STORE_THREAD_IDLE_EXIT)
+                function, token, task, then = self._calls.get(timeout=STORE_THREAD_IDLE_EXIT)
             except queue.Empty:
                 with self._guard:
                     if self._calls.empty():
@@ -100,9 +113,20 @@ class _StoreThread:
                 continue
             result = outcome.capture(function)
             try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+                token.run_sync_soon(_hand_back, task, result, then)
             except trio.RunFinishedError:  # cannot happen while the caller waits; be safe
                 log.error("store thread: the caller's trio run has ended")
+
+
+def _hand_back(
+    task: trio.lowlevel.Task, result: outcome.Outcome[Any], then: Callable[[], None] | None
+) -> None:
+    if then is not None:
+        try:
+            then()
+        except Exception:
+            log.exception("a store thread's follow-up failed")
+    trio.lowlevel.reschedule(task, result)
 
 
 @dataclass
@@ -156,14 +180,27 @@ class StoreWorker:
             for job in jobs:
                 if job.on_start is not None:
                     job.on_start()
-            await self._thread.call(functools.partial(self._apply, jobs))
-            for job in jobs:
-                if job.on_commit is not None:
+            await self._thread.call(
+                functools.partial(self._apply, jobs), then=functools.partial(self._report, jobs)
+            )
+
+    def _report(self, jobs: list[_Job[Any]]) -> None:
+        """After a commit, in trio: each change's callback, then :attr:`after_commit`. Run
+        as the commit's result comes back (receipts leave a scheduler round sooner); a
+        callback that raises is logged, and the others still run."""
+        for job in jobs:
+            if job.on_commit is not None:
+                try:
                     job.on_commit(job.result, job.error)
-                if job.done is not None:
-                    job.done.set()
-            if self.after_commit is not None:
+                except Exception:
+                    log.exception("a store commit callback failed")
+            if job.done is not None:
+                job.done.set()
+        if self.after_commit is not None:
+            try:
                 self.after_commit()
+            except Exception:
+                log.exception("the after-commit hook failed")
 
     def _apply(self, jobs: list[_Job[Any]]) -> None:
         try:

@@ -138,6 +138,34 @@ async def test_on_start_runs_when_its_commit_begins_not_while_another_runs(tmp_p
     store.close()
 
 
+async def test_a_failing_commit_callback_is_logged_and_the_others_still_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    hooked: list[int] = []
+    worker = StoreWorker(store, after_commit=lambda: hooked.append(worker.commits))
+    called: list[int] = []
+
+    def broken(_result: object, _error: BaseException | None) -> None:
+        raise RuntimeError("callback bug")
+
+    def fine(_result: object, error: BaseException | None) -> None:
+        assert error is None
+        called.append(2)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.submit(lambda s: s.enqueue(mid(1), RECIPIENT, b"1", T0, T0 + 1), broken)
+            await worker.submit(lambda s: s.enqueue(mid(2), RECIPIENT, b"2", T0, T0 + 1), fine)
+            await wait_until(lambda: bool(called) and bool(hooked))
+            nursery.cancel_scope.cancel()
+    assert called == [2] and hooked  # the node keeps running; receipts still go out
+    assert "a store commit callback failed" in caplog.text
+    assert store.outbox_get(mid(1)) is not None and store.outbox_get(mid(2)) is not None
+    store.close()
+
+
 async def test_a_commit_under_way_ends_and_reports_even_if_the_worker_is_cancelled(
     tmp_path: Path,
 ) -> None:
