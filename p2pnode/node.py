@@ -533,13 +533,17 @@ class NodeService:
         while True:
             await self._unmarked_added.wait()
             self._unmarked_added = trio.Event()
+            # Only messages sent before the wait began: one sent during it has not waited its
+            # MARK_SENT_DELAY yet (marking those too wrote "sent" for a quarter of all
+            # messages under load, each receipted a few milliseconds later); they are the
+            # next round's.
+            waited, self._unmarked = self._unmarked, {}
             await trio.sleep(MARK_SENT_DELAY)
             pending = {
                 message_id: times
-                for message_id, times in self._unmarked.items()
+                for message_id, times in waited.items()
                 if message_id in self._awaiting_recipient
             }
-            self._unmarked.clear()
             if not pending:
                 continue
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from p2pnode import node as node_module
 from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord
 from p2pnode.envelope import make_receipt, open_message, open_receipt, seal_message
@@ -253,6 +254,50 @@ async def test_a_receipt_frees_the_window_before_the_delivered_state_is_committe
                     nursery.cancel_scope.cancel()
             finally:
                 recording.set()
+
+
+async def test_sent_is_written_only_for_messages_whose_receipt_is_late(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "sent" costs a store write; a message receipted within MARK_SENT_DELAY never needs it,
+    # even if it was sent while the delay of an earlier message was running.
+    monkeypatch.setattr(node_module, "MARK_SENT_DELAY", 0.5)
+    marked: list[bytes] = []
+    real_mark_sent = Store.mark_sent
+
+    def recording(self: Store, message_id: bytes, *args: Any, **kwargs: Any) -> bool:
+        marked.append(message_id)
+        return real_mark_sent(self, message_id, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "mark_sent", recording)
+    directory = Directory()
+    raw = RawPeer()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(raw.links.serve)
+            assert raw.links.listen_address is not None
+            directory.publish(raw.identity, [raw.links.listen_address])
+            async with running(nursery, tmp_path, "a", directory) as alice:
+                start = trio.current_time()
+                first = await alice.send(raw.identity.public_key, b"at once")
+                await wait_until(lambda: len(raw.envelopes) == 1)
+                raw.acknowledge(raw.envelopes[:1])
+                await alice.wait_for_outcome(first)
+                # Sent while the first one's delay runs; receipted 0.25 s after that delay
+                # ends, well within its own.
+                prompt = await alice.send(raw.identity.public_key, b"within the delay")
+                await wait_until(lambda: len(raw.envelopes) == 2)
+                await trio.sleep_until(start + 0.75)
+                raw.acknowledge(raw.envelopes[1:2])
+                await alice.wait_for_outcome(prompt)
+                late = await alice.send(raw.identity.public_key, b"receipt held back")
+                await wait_until(lambda: late in marked)
+                entry = await alice.message_state(late)
+                assert entry is not None and entry.state is DeliveryState.SENT
+                raw.acknowledge(raw.envelopes[2:3])
+                assert (await alice.wait_for_outcome(late)).state is DeliveryState.DELIVERED
+                nursery.cancel_scope.cancel()
+    assert first not in marked and prompt not in marked
 
 
 async def test_one_receipt_acknowledges_a_burst(tmp_path: Path) -> None:
