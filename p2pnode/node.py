@@ -723,7 +723,15 @@ class NodeService:
                         NodeEvent(EventKind.DELIVERY, message_id, peer, DeliveryState.DELIVERED)
                     )
 
-        await self.worker.submit(
-            functools.partial(Store.mark_delivered_by, recipient=peer, message_ids=ids, now=now),
-            committed,
-        )
+        try:
+            await self.worker.submit(
+                functools.partial(
+                    Store.mark_delivered_by, recipient=peer, message_ids=ids, now=now
+                ),
+                committed,
+            )
+        except BaseException:
+            # Not queued (cancelled while the worker was full): nothing will record them, so
+            # a later scan must be free to send them again.
+            self._recording.difference_update(ids)
+            raise
