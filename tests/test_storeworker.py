@@ -23,6 +23,12 @@ def mid(n: int) -> bytes:
     return n.to_bytes(16, "big")
 
 
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (set from the store thread) until true; the caller bounds the time."""
+    while not condition():
+        await trio.sleep(0.001)
+
+
 async def test_concurrent_writes_share_commits_and_each_gets_its_result(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "s.db")
     worker = StoreWorker(store)
@@ -63,8 +69,7 @@ async def test_a_submitted_change_is_durable_when_its_callback_runs(tmp_path: Pa
             await worker.submit(
                 lambda s: s.enqueue(mid(1), RECIPIENT, b"durable", T0, T0 + 1000), committed
             )
-            while not seen_by_another_connection:
-                await trio.sleep(0.001)
+            await wait_until(lambda: bool(seen_by_another_connection))
             nursery.cancel_scope.cancel()
     assert seen_by_another_connection == [(b"durable",)]
     store.close()
@@ -95,12 +100,6 @@ async def test_a_failing_change_fails_alone(tmp_path: Path) -> None:
     assert outcomes == {"duplicate": "refused", "fresh": b"new"}
     assert store.outbox_get(mid(1)).body == b"first"  # type: ignore[union-attr]
     store.close()
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` (set from the store thread) until true; the caller bounds the time."""
-    while not condition():
-        await trio.sleep(0.001)
 
 
 async def test_on_start_runs_when_its_commit_begins_not_while_another_runs(tmp_path: Path) -> None:
