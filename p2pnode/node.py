@@ -518,6 +518,7 @@ class NodeService:
             link.send(FrameKind.ENVELOPE, wire)
             self._awaiting.setdefault(entry.recipient, {})[entry.message_id] = sent_at
             self._awaiting_recipient[entry.message_id] = entry.recipient
+        link.flush()
         self.stats["sent"] += len(batch)
         retry_at = now + self.config.receipt_timeout_ms
         for entry in batch:
@@ -687,6 +688,7 @@ class NodeService:
                 except LinkError:
                     # The sender sends them again; they are acknowledged then.
                     self.stats["receipt-unsent"] += len(chunk)
+            link.flush()
 
     async def _on_receipt(self, link: Link, data: bytes) -> None:
         try:

@@ -8,8 +8,8 @@ import nacl.signing
 import pytest
 import trio
 
-from p2pnode.link.connection import PROTOCOL_ID
-from p2pnode.link.frames import Frame, FrameKind
+from p2pnode.link.connection import PROTOCOL_ID, FrameReceived, LinkConnection, Role
+from p2pnode.link.frames import Frame, FrameKind, decode_frame
 from p2pnode.link.manager import Link, LinkError, LinkManager
 
 
@@ -201,3 +201,75 @@ async def test_idle_link_is_kept_alive_and_a_dead_one_is_dropped(nursery: trio.N
         await wait_until(lambda: watcher.manager.stats["closed:idle timeout"] == 1)
         assert link.closed.is_set() and watcher.manager.open_links == 0
         assert trio.current_time() - started < 3
+
+
+def _established_pair() -> tuple[LinkConnection, LinkConnection]:
+    """Two sans-I/O connections with the handshake done (bytes moved by hand)."""
+    alice, bob = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    dialler = LinkConnection(Role.INITIATOR, alice, expected_peer=bytes(bob.verify_key))
+    listener = LinkConnection(Role.RESPONDER, bob)
+    while (out := dialler.data_to_send()) or (back := listener.data_to_send()):
+        if out:
+            listener.receive_data(out)
+        else:
+            dialler.receive_data(back)
+    assert dialler.peer == bytes(bob.verify_key) and listener.peer == bytes(alice.verify_key)
+    return dialler, listener
+
+
+def _frames_in(connection: LinkConnection, data: bytes) -> list[bytes]:
+    return [
+        decode_frame(event.payload).data
+        for event in connection.receive_data(data)
+        if isinstance(event, FrameReceived)
+    ]
+
+
+def _link_over_socketpair() -> tuple[Link, socket.socket, LinkConnection]:
+    """A link whose writer task is not running, over one end of a socket pair; the other end
+    (a blocking stdlib socket) and the peer's connection read what it writes."""
+    ours, theirs = socket.socketpair()
+    dialler, listener = _established_pair()
+    assert dialler.peer is not None and listener.peer is not None
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    # The peer is the listener; the initiator, our own key (the listener's peer).
+    return Link(dialler, stream, dialler.peer, listener.peer), theirs, listener
+
+
+async def test_flush_writes_queued_frames_at_once_without_the_writer_task() -> None:
+    link, theirs, peer = _link_over_socketpair()
+    with theirs:
+        link.send(FrameKind.ENVELOPE, b"first")
+        link.send(FrameKind.RECEIPT, b"second")
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(65536)  # queued only: nothing is written until a flush or the writer
+        link.flush()
+        theirs.setblocking(True)
+        theirs.settimeout(5)
+        received: list[bytes] = []
+        while len(received) < 2:
+            received += _frames_in(peer, theirs.recv(65536))
+        assert received == [b"first", b"second"]
+
+
+async def test_what_a_flush_could_not_write_is_sent_by_the_writer_task_in_order() -> None:
+    link, theirs, peer = _link_over_socketpair()
+    payloads = [bytes([i]) * 16_000 for i in range(64)]  # 1 MB: more than the socket takes
+    with theirs:
+        for payload in payloads:
+            link.send(FrameKind.ENVELOPE, payload)
+        link.flush()
+        link.send(FrameKind.ENVELOPE, b"after the flush")
+        link.flush()  # the first flush's rest must go first: this one leaves it all queued
+        theirs.setblocking(False)
+        received = _frames_in(peer, theirs.recv(1 << 22))
+        assert 0 < len(received) < len(payloads)  # the socket took part of it
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link._writer)
+                while len(received) < len(payloads) + 1:
+                    await trio.lowlevel.wait_readable(theirs)
+                    received += _frames_in(peer, theirs.recv(1 << 20))
+                nursery.cancel_scope.cancel()
+        assert received == [*payloads, b"after the flush"]
