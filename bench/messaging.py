@@ -5,6 +5,8 @@ For each message size (``--sizes``, default 100, 1024 and 16384 bytes) one run m
 - the round trip, one message at a time: from ``send`` to the sender holding the verified
   receipt (``rtt``), and on to the delivered state recorded (``send_to_recorded``), p50 and p99,
   with every sample kept in the JSON file;
+- right after, the round trip's floor on this machine (``bench/floor.py``: the same crypto and
+  one fsynced commit between two bare processes) and the node's p50 over the floor's;
 - the crypto ceiling for that size, measured just before the throughput: sign + seal + open +
   verify of the same messages in one process (and with the receipt's sign + verify added), in
   messages per second;
@@ -57,6 +59,7 @@ from p2pnode.store import DeliveryState, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 import benchlib
+import floor
 
 #: Packages whose versions the result file records.
 PACKAGES = ("p2pnode", "trio", "pynacl")
@@ -366,8 +369,10 @@ async def measure_size(
     receiver_key: bytes,
     plan: SizePlan,
     concurrency: int,
+    workdir: Path,
 ) -> dict[str, Any]:
-    """Round trips, crypto ceiling and throughput for one message size (see the module doc)."""
+    """Round trips, their floor, crypto ceiling and throughput for one message size (see the
+    module doc); the floor's database goes in a new folder in ``workdir``."""
     results: dict[str, Any] = {"size_bytes": plan.size, "messages": plan.messages}
     body = os.urandom(plan.size)
 
@@ -388,6 +393,14 @@ async def measure_size(
     results["rtt_ms"] = quantiles(samples)
     results["send_to_recorded_ms"] = quantiles(recorded)
     results["rtt_samples_ms"] = rounded_ms(samples)
+
+    # The floor, right after: the same crypto and one fsynced commit between two bare
+    # processes (bench/floor.py), as many round trips.
+    floor_dir = workdir / f"floor-{plan.size}"
+    floor_dir.mkdir()
+    floor_samples = await floor.measure(plan.rtt, plan.size, floor_dir)
+    results["floor_rtt_ms"] = quantiles(floor_samples)
+    results["rtt_over_floor"] = results["rtt_ms"]["p50"] / results["floor_rtt_ms"]["p50"]
 
     # The ceiling for this size, just before the throughput (this blocks the event loop; the
     # sender node is idle meanwhile and the receiver is another process).
@@ -466,7 +479,7 @@ async def sender_run(
             for plan in plans:
                 with trio.fail_after(DELIVERY_TIMEOUT):
                     results["sizes"][str(plan.size)] = await measure_size(
-                        node, receiver, receiver_key, plan, concurrency
+                        node, receiver, receiver_key, plan, concurrency, workdir
                     )
             results["sender_commits"] = node.worker.commits
             samples = await measure_handshakes(receiver_key, record, handshakes)
@@ -496,6 +509,9 @@ SIZE_FIGURES: Final = {
     "ratio_to_ceiling": ("ratio_to_ceiling",),
     "rtt_p50_ms": ("rtt_ms", "p50"),
     "rtt_p99_ms": ("rtt_ms", "p99"),
+    "floor_rtt_p50_ms": ("floor_rtt_ms", "p50"),
+    "floor_rtt_p99_ms": ("floor_rtt_ms", "p99"),
+    "rtt_over_floor": ("rtt_over_floor",),
     "send_to_recorded_p50_ms": ("send_to_recorded_ms", "p50"),
     "send_to_recorded_p99_ms": ("send_to_recorded_ms", "p99"),
     "enqueue_per_s": ("enqueue_per_s",),
@@ -540,7 +556,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\nmedian [min-max] of {results['runs']} runs")
     print(
         f"{'size B':>7}  {'delivered msg/s':<18} {'ceiling/s':<18} {'ratio':<17}"
-        f" {'rtt p50 ms':<17} {'rtt p99 ms':<17}"
+        f" {'rtt p50 ms':<17} {'rtt p99 ms':<17} {'floor p50 ms':<17}"
     )
     for size, figures in results["sizes"].items():
         print(
@@ -548,6 +564,7 @@ def print_table(results: dict[str, Any]) -> None:
             f" {cell(figures['ceiling_per_s'], 0):<18}"
             f" {cell(figures['ratio_to_ceiling'], 2):<17}"
             f" {cell(figures['rtt_p50_ms'], 2):<17} {cell(figures['rtt_p99_ms'], 2):<17}"
+            f" {cell(figures['floor_rtt_p50_ms'], 2):<17}"
         )
     print(f"handshake p50 ms {cell(results['handshake_p50_ms'], 2)}")
 

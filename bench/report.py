@@ -939,6 +939,8 @@ def section_messaging(content: dict[str, Any], images: Callable[[str, str], str]
                 fmt_figure(spread_figure(entry, "ratio_to_ceiling"), 2),
                 fmt_figure(spread_figure(entry, "rtt_p50_ms"), 2),
                 fmt_figure(spread_figure(entry, "rtt_p99_ms"), 2),
+                fmt_figure(spread_figure(entry, "floor_rtt_p50_ms"), 2),
+                fmt_figure(spread_figure(entry, "rtt_over_floor"), 2),
                 fmt_figure(spread_figure(entry, "send_to_recorded_p50_ms"), 2),
                 fmt(number(dig(entry, "messages")), 0),
             ]
@@ -952,11 +954,13 @@ def section_messaging(content: dict[str, Any], images: Callable[[str, str], str]
                 "ratio",
                 "round trip p50 ms",
                 "round trip p99 ms",
+                "floor p50 ms",
+                "round trip / floor",
                 "send to recorded p50 ms",
                 "messages",
             ],
             rows,
-            "lrrrrrrr",
+            "lrrrrrrrrr",
         ),
         "",
         f"Link handshake (TCP connect + handshake, fresh identity): p50 "
@@ -968,7 +972,11 @@ def section_messaging(content: dict[str, Any], images: Callable[[str, str], str]
         "verified and recorded; *crypto ceiling* is sign + seal + open + verify of the same "
         "messages in one process, measured just before, and *ratio* is delivered / ceiling "
         "(both from the same run). *Round trip* is one message at a time, from `send` to the "
-        "verified receipt; *send to recorded* goes on to the delivered state being stored.",
+        "verified receipt; *send to recorded* goes on to the delivered state being stored. "
+        "*Floor* is the same round trip between two bare processes, measured right after: "
+        "the same crypto and one fsynced SQLite commit on a thread, no link encryption, store "
+        "schema or delivery machinery (`bench/floor.py`); *round trip / floor* is the ratio "
+        "of the two p50s.",
         "",
         images("rtt", "Round trip CDF"),
     ]
