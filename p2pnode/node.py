@@ -284,16 +284,16 @@ class NodeService:
         entry = OutboxEntry.queued(message_id, recipient, body, now, expires)
 
         def deliver() -> None:
-            # Straight to delivery once the outbox commit has begun, overlapping it (sealing
-            # first would delay the commit, and so this return, by the seal). The outbox scan
-            # covers retries. A receipt's store change queues behind this write: it finds the
-            # row.
+            # Straight to delivery once the outbox write is queued, overlapping its commit
+            # (sealing first would delay the commit, and so this return, by the seal). The
+            # outbox scan covers retries. A receipt's store change queues behind this write:
+            # it finds the row.
             if self._nursery is not None:
                 self._dispatch([entry])
 
         try:
             await self.worker.write(
-                lambda s: s.enqueue(message_id, recipient, body, now, expires), on_start=deliver
+                lambda s: s.enqueue(message_id, recipient, body, now, expires), on_queued=deliver
             )
         except BaseException:
             self._withdraw(recipient, message_id)

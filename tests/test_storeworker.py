@@ -102,12 +102,13 @@ async def test_a_failing_change_fails_alone(tmp_path: Path) -> None:
     store.close()
 
 
-async def test_on_start_runs_when_its_commit_begins_not_while_another_runs(tmp_path: Path) -> None:
+async def test_on_queued_runs_at_once_and_write_still_returns_only_once_durable(
+    tmp_path: Path,
+) -> None:
     store = Store.open(tmp_path / "s.db")
     worker = StoreWorker(store)
     first_running, release_first = threading.Event(), threading.Event()
-    started: list[str] = []
-    seen_by_second_change: list[list[str]] = []
+    events: list[str] = []
 
     def slow_first(s: Store) -> None:
         first_running.set()
@@ -115,25 +116,27 @@ async def test_on_start_runs_when_its_commit_begins_not_while_another_runs(tmp_p
         s.enqueue(mid(1), RECIPIENT, b"first", T0, T0 + 1000)
 
     def second(s: Store) -> None:
-        seen_by_second_change.append(list(started))
+        events.append("second applied")
         s.enqueue(mid(2), RECIPIENT, b"second", T0, T0 + 1000)
+
+    async def write_second() -> None:
+        await worker.write(second, on_queued=lambda: events.append("queued"))
+        events.append("write returned")
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
             nursery.start_soon(functools.partial(worker.write, slow_first))
             await wait_until(first_running.is_set)
-            nursery.start_soon(
-                functools.partial(worker.write, second, on_start=lambda: started.append("second"))
-            )
-            await wait_until(lambda: worker._send.statistics().current_buffer_used == 1)
-            assert started == []  # queued behind the running commit: not begun
+            nursery.start_soon(write_second)
+            # Queued behind the running commit: the hook has run, the change has not.
+            await wait_until(lambda: events == ["queued"])
+            assert worker._send.statistics().current_buffer_used == 1
             release_first.set()
-            await wait_until(lambda: bool(seen_by_second_change))
-            await wait_until(lambda: store.outbox_get(mid(2)) is not None)
+            await wait_until(lambda: "write returned" in events)
             nursery.cancel_scope.cancel()
-    # on_start ran once, before the change itself was applied
-    assert started == ["second"] and seen_by_second_change == [["second"]]
+    assert events == ["queued", "second applied", "write returned"]
+    assert store.outbox_get(mid(2)) is not None  # durable when write returned
     store.close()
 
 
