@@ -270,6 +270,11 @@ class NodeService:
         """Queue ``body`` for ``recipient``; returns the message id once the outbox row is
         durable. Delivery continues in the background, across restarts.
 
+        Delivery starts as soon as the outbox write is queued, beside its commit. If that
+        write fails (or this call is cancelled before it was queued), the message is
+        withdrawn and this raises; a copy already sent may still reach the recipient, who
+        stores it once.
+
         Raises:
             ValueError: for a recipient key that is not 32 bytes, or a body over
                 :data:`MAX_BODY_SIZE`.
