@@ -271,9 +271,9 @@ class NodeService:
         durable. Delivery continues in the background, across restarts.
 
         Delivery starts as soon as the outbox write is queued, beside its commit. If that
-        write fails (or this call is cancelled before it was queued), the message is
-        withdrawn and this raises; a copy already sent may still reach the recipient, who
-        stores it once.
+        write fails, the message is withdrawn and this raises; a copy already sent may still
+        reach the recipient, who stores it once. Cancelled before the write was queued (it
+        waits only when the store worker is full), nothing is sent.
 
         Raises:
             ValueError: for a recipient key that is not 32 bytes, or a body over
