@@ -270,10 +270,9 @@ class NodeService:
         """Queue ``body`` for ``recipient``; returns the message id once the outbox row is
         durable. Delivery continues in the background, across restarts.
 
-        Delivery starts as soon as the outbox write is queued, beside its commit. If that
-        write fails, the message is withdrawn and this raises; a copy already sent may still
-        reach the recipient, who stores it once. Cancelled before the write was queued (it
-        waits only when the store worker is full), nothing is sent.
+        Delivery starts when the outbox write's commit begins, beside it. If that write
+        fails, the message is withdrawn and this raises; a copy already sent may still reach
+        the recipient, who stores it once.
 
         Raises:
             ValueError: for a recipient key that is not 32 bytes, or a body over
@@ -289,16 +288,16 @@ class NodeService:
         entry = OutboxEntry.queued(message_id, recipient, body, now, expires)
 
         def deliver() -> None:
-            # Straight to delivery once the outbox write is queued, overlapping its commit
-            # (sealing first would delay the commit, and so this return, by the seal). The
-            # outbox scan covers retries. A receipt's store change queues behind this write:
-            # it finds the row.
+            # Straight to delivery once the outbox commit begins, overlapping it (sealing
+            # first would delay the commit, and so this return, by the seal). The outbox scan
+            # covers retries. A receipt's store change queues behind this write: it finds the
+            # row.
             if self._nursery is not None:
                 self._dispatch([entry])
 
         try:
             await self.worker.write(
-                lambda s: s.enqueue(message_id, recipient, body, now, expires), on_queued=deliver
+                lambda s: s.enqueue(message_id, recipient, body, now, expires), on_start=deliver
             )
         except BaseException:
             self._withdraw(recipient, message_id)

@@ -102,13 +102,12 @@ async def test_a_failing_change_fails_alone(tmp_path: Path) -> None:
     store.close()
 
 
-async def test_on_queued_runs_at_once_and_write_still_returns_only_once_durable(
-    tmp_path: Path,
-) -> None:
+async def test_on_start_runs_when_its_commit_begins_not_while_another_runs(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "s.db")
     worker = StoreWorker(store)
     first_running, release_first = threading.Event(), threading.Event()
-    events: list[str] = []
+    started: list[str] = []
+    seen_by_second_change: list[list[str]] = []
 
     def slow_first(s: Store) -> None:
         first_running.set()
@@ -116,27 +115,48 @@ async def test_on_queued_runs_at_once_and_write_still_returns_only_once_durable(
         s.enqueue(mid(1), RECIPIENT, b"first", T0, T0 + 1000)
 
     def second(s: Store) -> None:
-        events.append("second applied")
+        seen_by_second_change.append(list(started))
         s.enqueue(mid(2), RECIPIENT, b"second", T0, T0 + 1000)
-
-    async def write_second() -> None:
-        await worker.write(second, on_queued=lambda: events.append("queued"))
-        events.append("write returned")
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
             nursery.start_soon(functools.partial(worker.write, slow_first))
             await wait_until(first_running.is_set)
-            nursery.start_soon(write_second)
-            # Queued behind the running commit: the hook has run, the change has not.
-            await wait_until(lambda: events == ["queued"])
-            assert worker._send.statistics().current_buffer_used == 1
+            nursery.start_soon(
+                functools.partial(worker.write, second, on_start=lambda: started.append("second"))
+            )
+            await wait_until(lambda: worker._send.statistics().current_buffer_used == 1)
+            assert started == []  # queued behind the running commit: not begun
             release_first.set()
-            await wait_until(lambda: "write returned" in events)
+            await wait_until(lambda: bool(seen_by_second_change))
+            await wait_until(lambda: store.outbox_get(mid(2)) is not None)
             nursery.cancel_scope.cancel()
-    assert events == ["queued", "second applied", "write returned"]
-    assert store.outbox_get(mid(2)) is not None  # durable when write returned
+    # on_start ran once, before the change itself was applied
+    assert started == ["second"] and seen_by_second_change == [["second"]]
+    store.close()
+
+
+async def test_on_an_idle_worker_on_start_runs_in_the_callers_step(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    events: list[str] = []
+
+    def change(s: Store) -> None:
+        events.append("applied")
+        s.enqueue(mid(1), RECIPIENT, b"one", T0, T0 + 1000)
+
+    def started() -> None:
+        # The worker's task has not run yet: the work starts before the commit is handed on.
+        events.append("started while the worker waits" if worker._idle else "started later")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.write(change, on_start=started)
+            nursery.cancel_scope.cancel()
+    assert events == ["started while the worker waits", "applied"]
+    assert store.outbox_get(mid(1)) is not None
     store.close()
 
 
