@@ -6,9 +6,8 @@ Two bare trio processes do what one round trip needs and nothing more:
    length-prefixed, to a loopback TCP socket;
 2. the echo process opens and verifies it (:func:`~p2pnode.envelope.open_message`), inserts it
    into an SQLite database in WAL mode with ``synchronous=FULL`` (one fsynced commit per
-   message, as the node's store makes) on a long-lived thread fed by a queue, as the node's
-   store worker does, then signs a receipt (:func:`~p2pnode.envelope.make_receipt`) and writes
-   it back;
+   message, as the node's store makes) on the node's own store-thread class, then signs a
+   receipt (:func:`~p2pnode.envelope.make_receipt`) and writes it back;
 3. the sender verifies the receipt (:func:`~p2pnode.envelope.open_receipt`).
 
 No link encryption, store schema, outbox, delivery task or group commit: what is left of a
@@ -24,23 +23,20 @@ it); :func:`measure` is the sender.
 from __future__ import annotations
 
 import os
-import queue
 import sqlite3
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-import outcome
 import trio
 
 from p2pnode.clock import wall_clock_ms
 from p2pnode.envelope import make_receipt, open_message, open_receipt, seal_message
 from p2pnode.identity import Identity
+from p2pnode.storeworker import _StoreThread
 
 _LENGTH: Final = struct.Struct(">I")
 #: Largest frame either side accepts (a sealed 64 KiB body, with room to spare).
@@ -70,26 +66,16 @@ def _framed(data: bytes) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-class _CommitThread:
-    """One thread running SQLite commits for trio, fed by a queue (the node's store worker
-    hands its commits to a thread the same way)."""
+class _Inbox:
+    """An SQLite table written as the node's store writes (WAL, ``synchronous=FULL``, one
+    commit per message), on a thread of the node's own store-thread class."""
 
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("CREATE TABLE inbox (id BLOB PRIMARY KEY, body BLOB NOT NULL)")
-        self._calls: queue.SimpleQueue[
-            tuple[Callable[[], None], trio.lowlevel.TrioToken, trio.lowlevel.Task] | None
-        ] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while (call := self._calls.get()) is not None:
-            function, token, task = call
-            result = outcome.capture(function)
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+        self._thread = _StoreThread("floor-inbox")
 
     async def store(self, message_id: bytes, body: bytes) -> None:
         """Insert one row and commit it durably."""
@@ -99,13 +85,10 @@ class _CommitThread:
             self._db.execute("INSERT INTO inbox VALUES (?, ?)", (message_id, body))
             self._db.execute("COMMIT")
 
-        self._calls.put((commit, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        await self._thread.call(commit)
 
     def close(self) -> None:
-        """Stop the thread and close the database."""
-        self._calls.put(None)
-        self._thread.join()
+        """Close the database (the thread ends by itself when idle)."""
         self._db.close()
 
 
@@ -114,7 +97,7 @@ async def echo(port: int, workdir: Path) -> None:
     keys (64 bytes), read the sender's identity key (32 bytes), then answer every message
     with a receipt once it is committed, until the sender closes the connection."""
     identity = Identity.generate(wall_clock_ms())
-    committer = _CommitThread(workdir / "floor.db")
+    inbox = _Inbox(workdir / "floor.db")
     try:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
@@ -135,11 +118,11 @@ async def echo(port: int, workdir: Path) -> None:
                     decryption_keys=identity.decryption_keys(now),
                     now_ms=now,
                 )
-                await committer.store(message.id, message.body)
+                await inbox.store(message.id, message.body)
                 receipt = make_receipt(identity.signing_key, sender, [message.id], now_ms=now)
                 await stream.send_all(_framed(receipt))
     finally:
-        committer.close()
+        inbox.close()
 
 
 async def measure(count: int, size: int, workdir: Path) -> list[float]:

@@ -129,6 +129,14 @@ def _hand_back(
     trio.lowlevel.reschedule(task, result)
 
 
+def _run_start_hook(hook: Callable[[], None] | None) -> None:
+    if hook is not None:
+        try:
+            hook()
+        except Exception:
+            log.exception("a store change's start hook failed")
+
+
 @dataclass
 class _Job(Generic[T]):
     change: Callable[[Store], T]
@@ -178,11 +186,7 @@ class StoreWorker:
             # the thread call cannot be cancelled, so cancelling the node leaves no caller
             # waiting forever.
             for job in jobs:
-                if job.on_start is not None:
-                    try:
-                        job.on_start()
-                    except Exception:
-                        log.exception("a store change's start hook failed")
+                _run_start_hook(job.on_start)
             await self._thread.call(
                 functools.partial(self._apply, jobs), then=functools.partial(self._report, jobs)
             )
@@ -243,11 +247,7 @@ class StoreWorker:
         job: _Job[T] = _Job(change, done=done, on_start=None if idle else on_start)
         if idle:
             self._send.send_nowait(job)  # cannot block: nothing is queued
-            if on_start is not None:
-                try:
-                    on_start()
-                except Exception:
-                    log.exception("a store change's start hook failed")
+            _run_start_hook(on_start)
         else:
             await self._send.send(job)
         await done.wait()
