@@ -292,7 +292,7 @@ class NodeService:
             # first would delay the commit, and so this return, by the seal). The outbox scan
             # covers retries. A receipt's store change queues behind this write: it finds the
             # row.
-            if self._nursery is not None:
+            if self._nursery is not None and not self._send_now(entry):
                 self._dispatch([entry])
 
         try:
@@ -414,7 +414,7 @@ class NodeService:
                 batch = [queue.pop(i) for i in list(islice(queue, room))]
                 if batch:
                     try:
-                        await self._send_batch(link, record, batch)
+                        self._send_batch(link, record, batch)
                     except LinkError as exc:
                         await self._attempt_failed(batch, f"link lost: {exc}")
                         return
@@ -482,8 +482,8 @@ class NodeService:
         ``refresh`` asks for a fresh one, e.g. after its cached addresses failed)."""
         now = self._clock()
         if not refresh:
-            known = self._records.get(recipient)
-            if known is not None and known.expires > now and known.encryption_key_expires > now:
+            known = self._known_record(recipient, now)
+            if known is not None:
                 return known
             cached = await self.worker.read(lambda s: s.peer_get(recipient))
             if cached is not None:
@@ -502,12 +502,52 @@ class NodeService:
         self._remember(recipient, signed.record)
         return signed.record
 
+    def _known_record(self, recipient: bytes, now: int) -> PeerRecord | None:
+        """The recipient's record held in memory, if it and its encryption key are valid at
+        ``now``."""
+        known = self._records.get(recipient)
+        if known is not None and known.expires > now and known.encryption_key_expires > now:
+            return known
+        return None
+
     def _remember(self, recipient: bytes, record: PeerRecord) -> None:
         if len(self._records) >= MAX_REMEMBERED_RECORDS:
             self._records.pop(next(iter(self._records)))
         self._records[recipient] = record
 
-    async def _send_batch(self, link: Link, record: PeerRecord, batch: list[OutboxEntry]) -> None:
+    def _send_now(self, entry: OutboxEntry) -> bool:
+        """Seal and send ``entry`` in the caller's step if its recipient has no delivery task
+        and an open link, a valid record in memory and room in its window; a delivery task is
+        then started to wait for the receipt (and retry if the link closes). Returns whether
+        it was sent; if not, the caller dispatches it as usual.
+
+        On the round trip this saves the scheduler round that starting a delivery task takes
+        before it seals (0.08 ms of a 1.7-2.0 ms round trip here, in runs alternating it
+        message by message with the task-only path)."""
+        assert self._nursery is not None
+        recipient = entry.recipient
+        if recipient in self._queues or self._room(recipient) == 0:
+            return False
+        link = self.links.get(recipient)
+        record = self._known_record(recipient, self._clock())
+        if link is None or link.closed.is_set() or record is None:
+            return False
+        try:
+            self._send_batch(link, record, [entry])
+        except LinkError:
+            return False  # the delivery task reconnects
+        self._queues[recipient] = {}
+        self._nursery.start_soon(self._deliver_to, recipient)
+        return True
+
+    def _send_batch(self, link: Link, record: PeerRecord, batch: list[OutboxEntry]) -> None:
+        """Seal ``batch`` for ``record``'s node, write it to ``link`` and track each message
+        until its receipt.
+
+        Raises:
+            LinkError: the link is closed; the messages not yet written are not tracked, and
+                the caller retries the batch.
+        """
         now = self._clock()
         sent_at = trio.current_time()
         for entry in batch:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from p2pnode import node as node_module
 from p2pnode.clock import wall_clock_ms
@@ -109,6 +110,56 @@ async def test_message_is_delivered_once_with_a_receipt(tmp_path: Path) -> None:
                 reply = await bob.send(alice.public_key, b"hi alice")
                 assert (await bob.wait_for_outcome(reply)).state is DeliveryState.DELIVERED
                 assert alice.links.open_links == 1 and bob.links.open_links == 1
+                nursery.cancel_scope.cancel()
+
+
+class _SentAtStepEnd(trio.abc.Instrument):
+    """Records ``node.stats["sent"]`` each time ``task`` ends a scheduler step."""
+
+    def __init__(self, task: trio.lowlevel.Task, node: NodeService) -> None:
+        self.task, self.node = task, node
+        self.sent: list[int] = []
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.sent.append(self.node.stats["sent"])
+
+
+async def _send_watching_steps(node: NodeService, recipient: bytes, body: bytes) -> list[int]:
+    """Send ``body``; return ``node.stats["sent"]`` at the end of each of this task's steps
+    during the call (the first entry: when ``send`` first yielded)."""
+    instrument = _SentAtStepEnd(trio.lowlevel.current_task(), node)
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        await node.send(recipient, body)
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    return instrument.sent
+
+
+async def test_a_message_to_a_linked_peer_is_sent_before_send_first_yields(
+    tmp_path: Path,
+) -> None:
+    """With a link open, the envelope is on it within the step that called ``send``, without
+    waiting a scheduler round for a delivery task (the round trip is that much shorter)."""
+    directory = Directory()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with (
+                running(nursery, tmp_path, "a", directory) as alice,
+                running(nursery, tmp_path, "b", directory) as bob,
+            ):
+                # No link yet: the delivery task connects first, so nothing is sent then.
+                sent = await _send_watching_steps(alice, bob.public_key, b"first")
+                assert sent[0] == 0
+                await wait_until(lambda: alice.stats["delivered"] == 1)
+                await trio.testing.wait_all_tasks_blocked()  # its delivery task has ended
+
+                sent = await _send_watching_steps(alice, bob.public_key, b"second")
+                assert sent[0] == 2
+                await wait_until(lambda: alice.stats["delivered"] == 2)
+                inbox = await bob.worker.read(lambda s: s.inbox_list(False, 10))
+                assert sorted(m.body for m in inbox) == [b"first", b"second"]
                 nursery.cancel_scope.cancel()
 
 
