@@ -78,39 +78,46 @@ async def running(
         store.close()
 
 
+@asynccontextmanager
+async def alice_and_bob(tmp_path: Path) -> AsyncIterator[tuple[NodeService, NodeService]]:
+    """Two nodes, "a" and "b", running with :data:`FAST` settings and each other's records in
+    one directory; both are stopped when the block ends."""
+    directory = Directory()
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, tmp_path, "a", directory) as alice,
+        running(nursery, tmp_path, "b", directory) as bob,
+    ):
+        yield alice, bob
+
+
 async def wait_until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await trio.sleep(0.01)
 
 
 async def test_message_is_delivered_once_with_a_receipt(tmp_path: Path) -> None:
-    directory = Directory()
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            async with (
-                running(nursery, tmp_path, "a", directory) as alice,
-                running(nursery, tmp_path, "b", directory) as bob,
-            ):
-                events = bob.subscribe()
-                message_id = await alice.send(bob.public_key, "héllo bob".encode())
-                entry = await alice.wait_for_outcome(message_id)
-                assert entry.state is DeliveryState.DELIVERED
-                event = await events.receive()
-                assert (event.kind, event.message_id, event.peer, event.body) == (
-                    EventKind.MESSAGE,
-                    message_id,
-                    alice.public_key,
-                    "héllo bob".encode(),
-                )
-                inbox = await bob.worker.read(lambda s: s.inbox_list(False, 10))
-                assert [(m.message_id, m.sender, m.body) for m in inbox] == [
-                    (message_id, alice.public_key, "héllo bob".encode())
-                ]
-                # Replies flow over the same link, in the other direction.
-                reply = await bob.send(alice.public_key, b"hi alice")
-                assert (await bob.wait_for_outcome(reply)).state is DeliveryState.DELIVERED
-                assert alice.links.open_links == 1 and bob.links.open_links == 1
-                nursery.cancel_scope.cancel()
+        async with alice_and_bob(tmp_path) as (alice, bob):
+            events = bob.subscribe()
+            message_id = await alice.send(bob.public_key, "héllo bob".encode())
+            entry = await alice.wait_for_outcome(message_id)
+            assert entry.state is DeliveryState.DELIVERED
+            event = await events.receive()
+            assert (event.kind, event.message_id, event.peer, event.body) == (
+                EventKind.MESSAGE,
+                message_id,
+                alice.public_key,
+                "héllo bob".encode(),
+            )
+            inbox = await bob.worker.read(lambda s: s.inbox_list(False, 10))
+            assert [(m.message_id, m.sender, m.body) for m in inbox] == [
+                (message_id, alice.public_key, "héllo bob".encode())
+            ]
+            # Replies flow over the same link, in the other direction.
+            reply = await bob.send(alice.public_key, b"hi alice")
+            assert (await bob.wait_for_outcome(reply)).state is DeliveryState.DELIVERED
+            assert alice.links.open_links == 1 and bob.links.open_links == 1
 
 
 class _SentAtStepEnd(trio.abc.Instrument):
@@ -142,25 +149,19 @@ async def test_a_message_to_a_linked_peer_is_sent_before_send_first_yields(
 ) -> None:
     """With a link open, the envelope is on it within the step that called ``send``, without
     waiting a scheduler round for a delivery task (the round trip is that much shorter)."""
-    directory = Directory()
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            async with (
-                running(nursery, tmp_path, "a", directory) as alice,
-                running(nursery, tmp_path, "b", directory) as bob,
-            ):
-                # No link yet: the delivery task connects first, so nothing is sent then.
-                sent = await _send_watching_steps(alice, bob.public_key, b"first")
-                assert sent[0] == 0
-                await wait_until(lambda: alice.stats["delivered"] == 1)
-                await trio.testing.wait_all_tasks_blocked()  # its delivery task has ended
+        async with alice_and_bob(tmp_path) as (alice, bob):
+            # No link yet: the delivery task connects first, so nothing is sent then.
+            sent = await _send_watching_steps(alice, bob.public_key, b"first")
+            assert sent[0] == 0
+            await wait_until(lambda: alice.stats["delivered"] == 1)
+            await trio.testing.wait_all_tasks_blocked()  # its delivery task has ended
 
-                sent = await _send_watching_steps(alice, bob.public_key, b"second")
-                assert sent[0] == 2
-                await wait_until(lambda: alice.stats["delivered"] == 2)
-                inbox = await bob.worker.read(lambda s: s.inbox_list(False, 10))
-                assert sorted(m.body for m in inbox) == [b"first", b"second"]
-                nursery.cancel_scope.cancel()
+            sent = await _send_watching_steps(alice, bob.public_key, b"second")
+            assert sent[0] == 2
+            await wait_until(lambda: alice.stats["delivered"] == 2)
+            inbox = await bob.worker.read(lambda s: s.inbox_list(False, 10))
+            assert sorted(m.body for m in inbox) == [b"first", b"second"]
 
 
 async def test_send_returns_only_after_the_outbox_row_is_durable(tmp_path: Path) -> None:
@@ -575,31 +576,25 @@ async def test_many_messages_each_delivered_exactly_once(tmp_path: Path, count: 
 async def test_a_send_whose_outbox_write_fails_raises_and_the_node_carries_on(
     tmp_path: Path,
 ) -> None:
-    directory = Directory()
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            async with (
-                running(nursery, tmp_path, "a", directory) as alice,
-                running(nursery, tmp_path, "b", directory) as bob,
-            ):
-                store = alice.worker.store
-                real_enqueue = store.enqueue
+        async with alice_and_bob(tmp_path) as (alice, bob):
+            store = alice.worker.store
+            real_enqueue = store.enqueue
 
-                def full_disk(*args: object, **kwargs: object) -> object:
-                    raise StoreError("database or disk is full")
+            def full_disk(*args: object, **kwargs: object) -> object:
+                raise StoreError("database or disk is full")
 
-                store.enqueue = full_disk  # type: ignore[method-assign,assignment]
-                with pytest.raises(StoreError, match="disk is full"):
-                    await alice.send(bob.public_key, b"lost with the disk")
-                store.enqueue = real_enqueue  # type: ignore[method-assign]
-                message_id = await alice.send(bob.public_key, b"after the disk was freed")
-                entry = await alice.wait_for_outcome(message_id)
-                assert entry.state is DeliveryState.DELIVERED
-                # Whatever became of the first one, nothing pending is left behind for it.
-                counts = await alice.worker.read(lambda s: s.outbox_counts())
-                assert counts[DeliveryState.DELIVERED] == 1
-                assert sum(counts.values()) == 1
-                nursery.cancel_scope.cancel()
+            store.enqueue = full_disk  # type: ignore[method-assign,assignment]
+            with pytest.raises(StoreError, match="disk is full"):
+                await alice.send(bob.public_key, b"lost with the disk")
+            store.enqueue = real_enqueue  # type: ignore[method-assign]
+            message_id = await alice.send(bob.public_key, b"after the disk was freed")
+            entry = await alice.wait_for_outcome(message_id)
+            assert entry.state is DeliveryState.DELIVERED
+            # Whatever became of the first one, nothing pending is left behind for it.
+            counts = await alice.worker.read(lambda s: s.outbox_counts())
+            assert counts[DeliveryState.DELIVERED] == 1
+            assert sum(counts.values()) == 1
 
 
 async def test_a_node_with_a_rotated_key_reads_messages_sealed_to_either_key(
