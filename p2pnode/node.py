@@ -391,8 +391,7 @@ class NodeService:
                 self._receipt_settled(entry.message_id)  # given up on: no longer in flight
             queue = self._queues.get(entry.recipient)
             if queue is None:
-                self._queues[entry.recipient] = {entry.message_id: entry}
-                self._nursery.start_soon(self._deliver_to, entry.recipient)
+                self._start_delivery(entry.recipient, {entry.message_id: entry})
             else:
                 if not queue:
                     self._progressed()  # its delivery task may be waiting for more to send
@@ -536,9 +535,15 @@ class NodeService:
             self._send_batch(link, record, [entry])
         except LinkError:
             return False  # the delivery task reconnects
-        self._queues[recipient] = {}
-        self._nursery.start_soon(self._deliver_to, recipient)
+        self._start_delivery(recipient, {})
         return True
+
+    def _start_delivery(self, recipient: bytes, queue: dict[bytes, OutboxEntry]) -> None:
+        """Start ``recipient``'s delivery task with ``queue`` to send; the queue exists for
+        exactly as long as the task runs."""
+        assert self._nursery is not None
+        self._queues[recipient] = queue
+        self._nursery.start_soon(self._deliver_to, recipient)
 
     def _send_batch(self, link: Link, record: PeerRecord, batch: list[OutboxEntry]) -> None:
         """Seal ``batch`` for ``record``'s node, write it to ``link`` and track each message
