@@ -1,22 +1,28 @@
-"""Group commit: many callers' store changes, one durable commit, off the event loop.
+"""Group commit: many callers' store changes, one durable commit, the loop kept free.
 
-SQLite's commit costs a disk flush (about 0.13 ms here, more on slow disks); doing one per
+SQLite's commit costs a disk flush (0.2-0.4 ms here, more on slow disks); doing one per
 message would cap throughput at a few thousand messages per second and block the event loop.
 :class:`StoreWorker` collects the changes submitted while the previous commit was running and
-applies them in one :meth:`Store.batch` in a worker thread, then hands each caller its result.
-A result is only ever handed out after the commit that made it durable.
+applies them in one :meth:`Store.batch`, then hands each caller its result. A result is only
+ever handed out after the commit that made it durable.
 
-Every store call runs on one long-lived thread of the worker's own (:class:`_StoreThread`)
-rather than through :func:`trio.to_thread.run_sync`: the hand-off is on every message's round
-trip (the inbox commit before a receipt), and a plain queue to a waiting thread costs 20-30 us
-less per call than trio's general-purpose one (measured 35 against 55 us with the CPUs busy).
-A commit's callbacks (and so its receipts) run in the callback that hands its result back to
-trio, a scheduler round before the worker's task could run them (on the round trip, 0.07 ms
-from the commit's end to the receipt hook here, against 0.12-0.14 ms before).
+Where a commit runs: a group runs in a thread of the worker's own, so that the loop goes on
+reading, sealing and opening while the disk flushes. A small commit on an otherwise idle
+store runs on the loop's own thread instead, when the disk has been fast (the rule and its
+bounds: :class:`StoreWorker`): on the round trip, the two thread hand-offs cost more than
+the loop loses by waiting for one flush.
+
+Every threaded store call runs on one long-lived thread of the worker's own
+(:class:`_StoreThread`) rather than through :func:`trio.to_thread.run_sync`: a plain queue to
+a waiting thread costs 20-30 us less per call than trio's general-purpose one (measured 35
+against 55 us with the CPUs busy). A commit's callbacks (and so its receipts) run in the
+callback that hands its result back to trio, a scheduler round before the worker's task could
+run them (on the round trip, 0.07 ms from the commit's end to the receipt hook here, against
+0.12-0.14 ms before).
 
 Resource handling: :meth:`StoreWorker.run` owns the worker loop; it stops when cancelled, after
-finishing the batch in progress (a commit is never abandoned half-way: the thread runs to its
-end, and its results are delivered). The store thread starts on the first call and ends by
+finishing the batch in progress (a commit is never abandoned half-way: it runs to its end, on
+either thread, and its results are delivered). The store thread starts on the first call and ends by
 itself after :data:`STORE_THREAD_IDLE_EXIT` seconds without work.
 """
 
@@ -26,6 +32,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -33,6 +40,7 @@ from typing import Any, Final, Generic, TypeVar
 import outcome
 import trio
 
+from p2pnode.loopload import LoopLoad, loop_load
 from p2pnode.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,23 @@ MAX_SUBMITS_WITHOUT_YIELD: Final = 16
 #: Seconds the store thread waits for work before it ends (the next call starts a new one);
 #: as trio's own thread cache does, so an idle node holds no thread.
 STORE_THREAD_IDLE_EXIT: Final = 10.0
+#: Changes a commit may hold at most and still run on the event loop's own thread (see
+#: :class:`StoreWorker`). A few changes cost about what one does (the disk flush dominates);
+#: a larger group means a busy node, whose loop has other work to do meanwhile.
+INLINE_COMMIT_MAX_CHANGES: Final = 8
+#: Seconds the previous commit may have taken at most for the next small one to run on the
+#: event loop's thread: the bound on how long one commit may hold up the loop on a healthy
+#: disk. A commit here takes 0.2-0.4 ms, one that also checkpoints the WAL 1-1.5 ms; a disk
+#: slower than this (a busy or spinning disk: fsync of 5-20 ms) gets every commit on the
+#: store thread, and the loop is never held up by more than one slow flush.
+INLINE_COMMIT_MAX_SECONDS: Final = 0.003
+#: The loop's recent busy share (:mod:`p2pnode.loopload`, commits run on it left out) above
+#: which every commit goes to the store thread: a flush on the loop is only free while the
+#: loop would otherwise wait for I/O. Measured here, with one message at a time the
+#: receiver's loop is 30-40 % busy and the sender's about 50 %; at 1,000 messages per second
+#: both are 50-80 % busy, at 2,000 mostly 60-90 %. Without this bound, small commits ran on
+#: the loop at 2,000 messages per second too, and latency p99 went from 11-12 to 170-370 ms.
+INLINE_COMMIT_MAX_LOOP_LOAD: Final = 0.6
 
 
 class _StoreThread:
@@ -73,12 +98,19 @@ class _StoreThread:
         ] = queue.SimpleQueue()
         self._guard = threading.Lock()  # between a call and the thread deciding to end
         self._thread: threading.Thread | None = None
+        self._in_flight = 0  # calls made and not yet returned to their callers (trio only)
 
     @property
     def running(self) -> bool:
         """Whether the thread is alive now (for tests and status)."""
         with self._guard:
             return self._thread is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call is under way (made, and its result not yet back with its caller).
+        While it is not, nothing runs on the thread: trio may use what the calls use."""
+        return self._in_flight > 0
 
     async def call(self, function: Callable[[], T], *, then: Callable[[], None] | None = None) -> T:
         """Run ``function()`` on the thread and return its result (or raise its exception).
@@ -94,11 +126,15 @@ class _StoreThread:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
-        # Daemon: the thread never outlives a waiting caller (the wait is not cancellable),
-        # so trio.run cannot return, and the interpreter cannot exit, while it runs a call.
-        result: T = await trio.lowlevel.wait_task_rescheduled(
-            lambda _raise_cancel: trio.lowlevel.Abort.FAILED
-        )
+        self._in_flight += 1
+        try:
+            # Daemon: the thread never outlives a waiting caller (the wait is not cancellable),
+            # so trio.run cannot return, and the interpreter cannot exit, while it runs a call.
+            result: T = await trio.lowlevel.wait_task_rescheduled(
+                lambda _raise_cancel: trio.lowlevel.Abort.FAILED
+            )
+        finally:
+            self._in_flight -= 1
         return result
 
     def _serve(self) -> None:
@@ -152,6 +188,19 @@ class StoreWorker:
 
     Use :meth:`write` (wait for the durable result), :meth:`submit` (continue at once; a
     callback runs after the commit) or :meth:`read` (no commit needed).
+
+    Where a commit runs. A small one (at most :data:`INLINE_COMMIT_MAX_CHANGES` changes) runs
+    on the event loop's own thread when all of these hold: the store thread is not in use
+    (nothing else touches the connection), the previous commit took at most
+    :data:`INLINE_COMMIT_MAX_SECONDS` (the disk is fast), and the loop has lately been busy
+    at most :data:`INLINE_COMMIT_MAX_LOOP_LOAD` of the time (it would mostly have waited
+    anyway). Every other commit runs on the store thread. Why: handing a commit to a thread
+    and its result back costs two thread wake-ups, and on this machine's virtual CPUs that is
+    0.1-0.2 ms when the other CPU is busy, on every message's round trip (the sender's outbox
+    commit, the receiver's inbox commit before its receipt). A commit on the loop holds it up
+    for one disk flush, so it is kept to a loop with time to spare: a busy node's commits go
+    to the thread and its loop keeps working while the disk flushes, and a slow disk sends
+    every commit to the thread after the first slow one.
     """
 
     def __init__(self, store: Store, *, after_commit: Callable[[], None] | None = None) -> None:
@@ -163,12 +212,19 @@ class StoreWorker:
         self._thread = _StoreThread("p2pnode-store")  # the only thread using the store
         self._idle = False  # waiting for changes, no commit running
         self._submits_without_yield = 0
-        #: Commits made, and changes committed (for status and benchmarks).
+        #: Seconds the last commit took; None before the first (then the disk's speed is
+        #: unknown, and the commit goes to the store thread).
+        self._last_commit_seconds: float | None = None
+        self._loop_load = LoopLoad()  # replaced by the run's own when run() starts
+        #: Commits made, those of them run on the event loop's thread, and changes committed
+        #: (for status and benchmarks).
         self.commits = 0
+        self.inline_commits = 0
         self.changes = 0
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Commit submitted changes until cancelled."""
+        self._loop_load = loop_load()
         task_status.started()
         while True:
             self._idle = True
@@ -187,9 +243,26 @@ class StoreWorker:
             # waiting forever.
             for job in jobs:
                 _run_start_hook(job.on_start)
-            await self._thread.call(
-                functools.partial(self._apply, jobs), then=functools.partial(self._report, jobs)
-            )
+            if self._may_commit_inline(len(jobs)):
+                self._apply(jobs)
+                self.inline_commits += 1
+                self._loop_load.exclude(self._last_commit_seconds or 0.0)
+                self._report(jobs)
+            else:
+                await self._thread.call(
+                    functools.partial(self._apply, jobs), then=functools.partial(self._report, jobs)
+                )
+
+    def _may_commit_inline(self, changes: int) -> bool:
+        """Whether a commit of ``changes`` changes runs on the loop's thread (class doc)."""
+        last = self._last_commit_seconds
+        return (
+            changes <= INLINE_COMMIT_MAX_CHANGES
+            and last is not None
+            and last <= INLINE_COMMIT_MAX_SECONDS
+            and not self._thread.busy
+            and self._loop_load.load <= INLINE_COMMIT_MAX_LOOP_LOAD
+        )
 
     def _report(self, jobs: list[_Job[Any]]) -> None:
         """After a commit, in trio: each change's callback, then :attr:`after_commit`. Run
@@ -210,6 +283,7 @@ class StoreWorker:
                 log.exception("the after-commit hook failed")
 
     def _apply(self, jobs: list[_Job[Any]]) -> None:
+        started = time.perf_counter()
         try:
             with self.store.batch():
                 for job in jobs:
@@ -222,6 +296,8 @@ class StoreWorker:
             for job in jobs:
                 job.result, job.error = None, exc
             return
+        finally:
+            self._last_commit_seconds = time.perf_counter() - started
         self.commits += 1
         self.changes += len(jobs)
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from p2pnode import storeworker
+from p2pnode.loopload import LOOP_LOAD_WINDOW_SECONDS
 from p2pnode.store import DuplicateMessageError, Store
 from p2pnode.storeworker import StoreWorker
 
@@ -249,4 +252,144 @@ async def test_the_store_thread_ends_when_idle_and_a_later_call_starts_it_again(
         await wait_until(lambda: not worker.thread_running)
         entry = await worker.read(lambda s: s.outbox_get(mid(1)))
     assert entry is not None and entry.body == b"x"
+    store.close()
+
+
+@pytest.fixture
+def any_disk(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The bound on a commit's time for the next to run on the loop, made generous: what these
+    tests show must hold on a slow disk too. Returns the bound."""
+    monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_SECONDS", 0.05)
+    return 0.05
+
+
+def ran_on(threads: list[int]) -> Callable[[Store], None]:
+    """A change that records the thread it ran on."""
+
+    def change(_store: Store) -> None:
+        threads.append(threading.get_ident())
+
+    return change
+
+
+async def test_a_small_commit_after_a_fast_one_runs_on_the_loop_thread(
+    tmp_path: Path, any_disk: float
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            for _ in range(3):
+                await worker.write(ran_on(threads))
+            nursery.cancel_scope.cancel()
+    # The first commit measures the disk on the store thread; the next ones, fast and alone,
+    # save the two thread hand-offs.
+    assert threads[0] != loop_thread
+    assert threads[1:] == [loop_thread, loop_thread]
+    assert (worker.commits, worker.inline_commits) == (3, 2)
+    store.close()
+
+
+async def test_a_large_group_commits_on_the_store_thread(tmp_path: Path, any_disk: float) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    group = storeworker.INLINE_COMMIT_MAX_CHANGES + 1
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
+            commits = worker.commits
+            async with trio.open_nursery() as writers:
+                for _ in range(group):
+                    writers.start_soon(worker.write, ran_on(threads))
+            nursery.cancel_scope.cancel()
+    assert worker.commits == commits + 1  # one group
+    assert len(threads) == group and loop_thread not in threads
+    store.close()
+
+
+async def test_after_a_slow_commit_the_next_runs_on_the_store_thread(
+    tmp_path: Path, any_disk: float
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    def slow_disk(_store: Store) -> None:
+        time.sleep(2 * any_disk)  # a flush that took too long
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.write(ran_on([]))
+            await worker.write(slow_disk)  # runs inline: the commit before it was fast
+            await worker.write(ran_on(threads))  # so the loop is not held up twice
+            await worker.write(ran_on(threads))  # and once the disk is fast again, inline
+            nursery.cancel_scope.cancel()
+    assert threads[0] != loop_thread
+    assert threads[1] == loop_thread
+    store.close()
+
+
+async def test_no_commit_runs_on_the_loop_thread_while_the_store_thread_reads(
+    tmp_path: Path, any_disk: float
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    loop_thread = threading.get_ident()
+    reading, release = threading.Event(), threading.Event()
+    threads: list[int] = []
+    read_done = trio.Event()
+
+    def long_read(_store: Store) -> None:
+        reading.set()
+        release.wait(10)
+        threads.append(-1)  # marks the end of the read in the order of events
+
+    async def read() -> None:
+        await worker.read(long_read)
+        read_done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
+            nursery.start_soon(read)
+            await wait_until(reading.is_set)
+            nursery.start_soon(worker.write, ran_on(threads))
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+            await read_done.wait()
+            await wait_until(lambda: len(threads) == 2)
+            nursery.cancel_scope.cancel()
+    # The write waited for the read, and ran on the store thread: the one connection is never
+    # used by two threads at once.
+    assert threads[0] == -1 and threads[1] != loop_thread
+    store.close()
+
+
+async def test_while_the_loop_is_busy_small_commits_run_on_the_store_thread(
+    tmp_path: Path, any_disk: float
+) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
+            # Other work keeps the loop busy, never waiting for I/O, for several windows.
+            deadline = time.perf_counter() + 5 * LOOP_LOAD_WINDOW_SECONDS
+            while time.perf_counter() < deadline:
+                pass
+            await worker.write(ran_on(threads))
+            nursery.cancel_scope.cancel()
+    assert threads[0] != loop_thread  # the flush did not add to the loop's backlog
     store.close()
