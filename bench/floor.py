@@ -6,8 +6,9 @@ Two bare trio processes do what one round trip needs and nothing more:
    length-prefixed, to a loopback TCP socket;
 2. the echo process opens and verifies it (:func:`~p2pnode.envelope.open_message`), inserts it
    into an SQLite database in WAL mode with ``synchronous=FULL`` (one fsynced commit per
-   message, as the node's store makes) on the node's own store-thread class, then signs a
-   receipt (:func:`~p2pnode.envelope.make_receipt`) and writes it back;
+   message, as the node's store makes) on the loop's own thread, as the node commits a lone
+   change on an idle loop, then signs a receipt (:func:`~p2pnode.envelope.make_receipt`) and
+   writes it back;
 3. the sender verifies the receipt (:func:`~p2pnode.envelope.open_receipt`).
 
 No link encryption, store schema, outbox, delivery task or group commit: what is left of a
@@ -36,7 +37,6 @@ import trio
 from p2pnode.clock import wall_clock_ms
 from p2pnode.envelope import make_receipt, open_message, open_receipt, seal_message
 from p2pnode.identity import Identity
-from p2pnode.storeworker import _StoreThread
 
 _LENGTH: Final = struct.Struct(">I")
 #: Largest frame either side accepts (a sealed 64 KiB body, with room to spare).
@@ -68,27 +68,23 @@ def _framed(data: bytes) -> bytes:
 
 class _Inbox:
     """An SQLite table written as the node's store writes (WAL, ``synchronous=FULL``, one
-    commit per message), on a thread of the node's own store-thread class."""
+    commit per message), on the loop's own thread, as the node's store worker commits a lone
+    change while its loop is mostly idle (``p2pnode.storeworker``)."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("CREATE TABLE inbox (id BLOB PRIMARY KEY, body BLOB NOT NULL)")
-        self._thread = _StoreThread("floor-inbox")
 
-    async def store(self, message_id: bytes, body: bytes) -> None:
+    def store(self, message_id: bytes, body: bytes) -> None:
         """Insert one row and commit it durably."""
-
-        def commit() -> None:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO inbox VALUES (?, ?)", (message_id, body))
-            self._db.execute("COMMIT")
-
-        await self._thread.call(commit)
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("INSERT INTO inbox VALUES (?, ?)", (message_id, body))
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
-        """Close the database (the thread ends by itself when idle)."""
+        """Close the database."""
         self._db.close()
 
 
@@ -118,7 +114,7 @@ async def echo(port: int, workdir: Path) -> None:
                     decryption_keys=identity.decryption_keys(now),
                     now_ms=now,
                 )
-                await inbox.store(message.id, message.body)
+                inbox.store(message.id, message.body)
                 receipt = make_receipt(identity.signing_key, sender, [message.id], now_ms=now)
                 await stream.send_all(_framed(receipt))
     finally:

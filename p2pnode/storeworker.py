@@ -1,4 +1,4 @@
-"""Group commit: many callers' store changes, one durable commit, the loop kept free.
+"""Group commit: many callers' store changes, one durable commit for each group.
 
 SQLite's commit costs a disk flush (0.2-0.4 ms here, more on slow disks); doing one per
 message would cap throughput at a few thousand messages per second and block the event loop.
@@ -22,8 +22,8 @@ run them (on the round trip, 0.07 ms from the commit's end to the receipt hook h
 
 Resource handling: :meth:`StoreWorker.run` owns the worker loop; it stops when cancelled, after
 finishing the batch in progress (a commit is never abandoned half-way: it runs to its end, on
-either thread, and its results are delivered). The store thread starts on the first call and ends by
-itself after :data:`STORE_THREAD_IDLE_EXIT` seconds without work.
+either thread, and its results are delivered). The store thread starts on the first call and
+ends by itself after :data:`STORE_THREAD_IDLE_EXIT` seconds without work.
 """
 
 from __future__ import annotations
