@@ -39,6 +39,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import outcome
 import trio
+import trio.testing
 
 from p2pnode.loopload import LoopLoad, loop_load
 from p2pnode.store import Store
@@ -194,13 +195,18 @@ class StoreWorker:
     (nothing else touches the connection), the previous commit took at most
     :data:`INLINE_COMMIT_MAX_SECONDS` (the disk is fast), and the loop has lately been busy
     at most :data:`INLINE_COMMIT_MAX_LOOP_LOAD` of the time (it would mostly have waited
-    anyway). Every other commit runs on the store thread. Why: handing a commit to a thread
-    and its result back costs two thread wake-ups, and on this machine's virtual CPUs that is
-    0.1-0.2 ms when the other CPU is busy, on every message's round trip (the sender's outbox
-    commit, the receiver's inbox commit before its receipt). A commit on the loop holds it up
-    for one disk flush, so it is kept to a loop with time to spare: a busy node's commits go
-    to the thread and its loop keeps working while the disk flushes, and a slow disk sends
-    every commit to the thread after the first slow one.
+    anyway). Before it commits there, the worker lets every ready task run until the loop
+    would wait for I/O, and takes the changes they add: a burst stays one commit. Every other
+    commit runs on the store thread.
+
+    Why: handing a commit to a thread and its result back costs two thread wake-ups, and on
+    this machine's virtual CPUs that is 0.1-0.2 ms when the other CPU is busy, on every
+    message's round trip (the sender's outbox commit, the receiver's inbox commit before its
+    receipt). A commit on the loop holds it up for one disk flush, so it is kept to a loop
+    with time to spare: a busy node's commits go to the thread and its loop keeps working
+    while the disk flushes, and a slow disk sends every commit to the thread after the first
+    slow one. The cost: a disk that stalls all at once (a flush of seconds) holds up the loop
+    for the commit under way, where before it held up only the store.
     """
 
     def __init__(self, store: Store, *, after_commit: Callable[[], None] | None = None) -> None:
@@ -232,12 +238,15 @@ class StoreWorker:
                 first = await self._receive.receive()
             finally:
                 self._idle = False
-            jobs = [first]
-            while len(jobs) < MAX_BATCH:
-                try:
-                    jobs.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            jobs = self._take_queued([first])
+            if self._may_commit_inline(len(jobs)):
+                # Let every task that is ready run first, until the loop would wait for I/O: a
+                # reader in the middle of a burst of frames adds the rest of them to this
+                # commit rather than making one each, and a commit on the loop's thread then
+                # holds up no work that was ready. (Shielded: these changes are taken.)
+                with trio.CancelScope(shield=True):
+                    await trio.testing.wait_all_tasks_blocked()
+                jobs = self._take_queued(jobs)
             # Once a batch starts it is committed (or fails) and every caller hears about it:
             # the thread call cannot be cancelled, so cancelling the node leaves no caller
             # waiting forever.
@@ -252,6 +261,15 @@ class StoreWorker:
                 await self._thread.call(
                     functools.partial(self._apply, jobs), then=functools.partial(self._report, jobs)
                 )
+
+    def _take_queued(self, jobs: list[_Job[Any]]) -> list[_Job[Any]]:
+        """``jobs`` and those queued now, up to :data:`MAX_BATCH` in all."""
+        while len(jobs) < MAX_BATCH:
+            try:
+                jobs.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return jobs
 
     def _may_commit_inline(self, changes: int) -> bool:
         """Whether a commit of ``changes`` changes runs on the loop's thread (class doc)."""

@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from p2pnode import node as node_module
+from p2pnode import storeworker
 from p2pnode.clock import wall_clock_ms
 from p2pnode.dht.records import PeerRecord
 from p2pnode.envelope import make_receipt, open_message, open_receipt, seal_message
@@ -286,6 +287,9 @@ async def test_a_receipt_frees_the_window_before_the_delivered_state_is_committe
         return real_mark_delivered_by(self, *args, **kwargs)
 
     monkeypatch.setattr(Store, "mark_delivered_by", held)
+    # A held commit stands for a slow disk's, which runs on the store thread (the loop's own
+    # thread would be held with it: storeworker.INLINE_COMMIT_MAX_SECONDS).
+    monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_CHANGES", 0)
     directory = Directory()
     config = NodeConfig(backoff_base_ms=20, backoff_max_ms=100, max_in_flight=4)
     with trio.fail_after(30):

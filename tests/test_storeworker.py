@@ -393,3 +393,29 @@ async def test_while_the_loop_is_busy_small_commits_run_on_the_store_thread(
             nursery.cancel_scope.cancel()
     assert threads[0] != loop_thread  # the flush did not add to the loop's backlog
     store.close()
+
+
+async def test_a_burst_of_submits_makes_one_commit(tmp_path: Path, any_disk: float) -> None:
+    store = Store.open(tmp_path / "s.db")
+    worker = StoreWorker(store)
+    burst = storeworker.INLINE_COMMIT_MAX_CHANGES - 1  # small enough for the loop's thread
+    commits_per_burst: list[int] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
+            for _ in range(10):  # the tasks' order varies from one scheduler pass to the next
+                committed: list[int] = []
+                commits = worker.commits
+                # As a link reader does with the frames of one read: the first submit yields
+                # (the worker is idle), the others follow without yielding.
+                for n in range(burst):
+                    await worker.submit(
+                        ran_on([]), lambda _r, _e, n=n, committed=committed: committed.append(n)
+                    )
+                await wait_until(lambda committed=committed: len(committed) == burst)
+                assert committed == list(range(burst))
+                commits_per_burst.append(worker.commits - commits)
+            nursery.cancel_scope.cancel()
+    assert commits_per_burst == [1] * 10  # one flush for each burst, not one per change
+    store.close()
