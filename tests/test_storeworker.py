@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -293,56 +294,54 @@ async def test_a_small_commit_after_a_fast_one_runs_on_the_loop_thread(
     store.close()
 
 
-async def test_a_large_group_commits_on_the_store_thread(tmp_path: Path, any_disk: float) -> None:
+@contextlib.asynccontextmanager
+async def primed_worker(tmp_path: Path) -> AsyncIterator[tuple[StoreWorker, trio.Nursery]]:
+    """A running worker whose last commit was fast, so that its next small commit may run on
+    the loop's thread, and a nursery for the test's tasks; all stopped on exit."""
     store = Store.open(tmp_path / "s.db")
     worker = StoreWorker(store)
-    loop_thread = threading.get_ident()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+                await worker.write(ran_on([]))
+                yield worker, nursery
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_a_large_group_commits_on_the_store_thread(tmp_path: Path, any_disk: float) -> None:
     threads: list[int] = []
     group = storeworker.INLINE_COMMIT_MAX_CHANGES + 1
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
-            commits = worker.commits
-            async with trio.open_nursery() as writers:
-                for _ in range(group):
-                    writers.start_soon(worker.write, ran_on(threads))
-            nursery.cancel_scope.cancel()
+    async with primed_worker(tmp_path) as (worker, _):
+        commits = worker.commits
+        async with trio.open_nursery() as writers:
+            for _ in range(group):
+                writers.start_soon(worker.write, ran_on(threads))
     assert worker.commits == commits + 1  # one group
-    assert len(threads) == group and loop_thread not in threads
-    store.close()
+    assert len(threads) == group and threading.get_ident() not in threads
 
 
 async def test_after_a_slow_commit_the_next_runs_on_the_store_thread(
     tmp_path: Path, any_disk: float
 ) -> None:
-    store = Store.open(tmp_path / "s.db")
-    worker = StoreWorker(store)
-    loop_thread = threading.get_ident()
     threads: list[int] = []
 
     def slow_disk(_store: Store) -> None:
         time.sleep(2 * any_disk)  # a flush that took too long
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await worker.write(ran_on([]))
-            await worker.write(slow_disk)  # runs inline: the commit before it was fast
-            await worker.write(ran_on(threads))  # so the loop is not held up twice
-            await worker.write(ran_on(threads))  # and once the disk is fast again, inline
-            nursery.cancel_scope.cancel()
-    assert threads[0] != loop_thread
-    assert threads[1] == loop_thread
-    store.close()
+    async with primed_worker(tmp_path) as (worker, _):
+        await worker.write(slow_disk)  # runs inline: the commit before it was fast
+        await worker.write(ran_on(threads))  # so the loop is not held up twice
+        await worker.write(ran_on(threads))  # and once the disk is fast again, inline
+    assert threads[0] != threading.get_ident()
+    assert threads[1] == threading.get_ident()
 
 
 async def test_no_commit_runs_on_the_loop_thread_while_the_store_thread_reads(
     tmp_path: Path, any_disk: float
 ) -> None:
-    store = Store.open(tmp_path / "s.db")
-    worker = StoreWorker(store)
-    loop_thread = threading.get_ident()
     reading, release = threading.Event(), threading.Event()
     threads: list[int] = []
     read_done = trio.Event()
@@ -352,70 +351,72 @@ async def test_no_commit_runs_on_the_loop_thread_while_the_store_thread_reads(
         release.wait(10)
         threads.append(-1)  # marks the end of the read in the order of events
 
-    async def read() -> None:
-        await worker.read(long_read)
-        read_done.set()
+    async with primed_worker(tmp_path) as (worker, nursery):
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
-            nursery.start_soon(read)
-            await wait_until(reading.is_set)
-            nursery.start_soon(worker.write, ran_on(threads))
-            await trio.testing.wait_all_tasks_blocked()
-            release.set()
-            await read_done.wait()
-            await wait_until(lambda: len(threads) == 2)
-            nursery.cancel_scope.cancel()
+        async def read() -> None:
+            await worker.read(long_read)
+            read_done.set()
+
+        nursery.start_soon(read)
+        await wait_until(reading.is_set)
+        nursery.start_soon(worker.write, ran_on(threads))
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        await read_done.wait()
+        await wait_until(lambda: len(threads) == 2)
     # The write waited for the read, and ran on the store thread: the one connection is never
     # used by two threads at once.
-    assert threads[0] == -1 and threads[1] != loop_thread
-    store.close()
+    assert threads[0] == -1 and threads[1] != threading.get_ident()
 
 
 async def test_while_the_loop_is_busy_small_commits_run_on_the_store_thread(
     tmp_path: Path, any_disk: float
 ) -> None:
-    store = Store.open(tmp_path / "s.db")
-    worker = StoreWorker(store)
-    loop_thread = threading.get_ident()
     threads: list[int] = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
-            # Other work keeps the loop busy, never waiting for I/O, for several windows.
-            deadline = time.perf_counter() + 5 * LOOP_LOAD_WINDOW_SECONDS
-            while time.perf_counter() < deadline:
-                pass
-            await worker.write(ran_on(threads))
-            nursery.cancel_scope.cancel()
-    assert threads[0] != loop_thread  # the flush did not add to the loop's backlog
-    store.close()
+    async with primed_worker(tmp_path) as (worker, _):
+        # Other work keeps the loop busy, never waiting for I/O, for several windows.
+        deadline = time.perf_counter() + 5 * LOOP_LOAD_WINDOW_SECONDS
+        while time.perf_counter() < deadline:
+            pass
+        await worker.write(ran_on(threads))
+    assert threads[0] != threading.get_ident()  # the flush did not add to the loop's backlog
 
 
 async def test_a_burst_of_submits_makes_one_commit(tmp_path: Path, any_disk: float) -> None:
-    store = Store.open(tmp_path / "s.db")
-    worker = StoreWorker(store)
     burst = storeworker.INLINE_COMMIT_MAX_CHANGES - 1  # small enough for the loop's thread
     commits_per_burst: list[int] = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await worker.write(ran_on([]))  # a fast commit: small ones would now run inline
-            for _ in range(10):  # the tasks' order varies from one scheduler pass to the next
-                committed: list[int] = []
-                commits = worker.commits
-                # As a link reader does with the frames of one read: the first submit yields
-                # (the worker is idle), the others follow without yielding.
-                for n in range(burst):
-                    await worker.submit(
-                        ran_on([]), lambda _r, _e, n=n, committed=committed: committed.append(n)
-                    )
-                await wait_until(lambda committed=committed: len(committed) == burst)
-                assert committed == list(range(burst))
-                commits_per_burst.append(worker.commits - commits)
-            nursery.cancel_scope.cancel()
+    committed: list[int] = []
+
+    def note(n: int, _result: None, _error: BaseException | None) -> None:
+        committed.append(n)
+
+    async with primed_worker(tmp_path) as (worker, _):
+        for _ in range(10):  # the tasks' order varies from one scheduler pass to the next
+            committed.clear()
+            commits = worker.commits
+            # As a link reader does with the frames of one read: the first submit yields (the
+            # worker is idle), the others follow without yielding.
+            for n in range(burst):
+                await worker.submit(ran_on([]), functools.partial(note, n))
+            await wait_until(lambda: len(committed) == burst)
+            assert committed == list(range(burst))
+            commits_per_burst.append(worker.commits - commits)
     assert commits_per_burst == [1] * 10  # one flush for each burst, not one per change
-    store.close()
+
+
+async def test_a_loop_that_never_rests_does_not_hold_a_small_commit_back(
+    tmp_path: Path, any_disk: float
+) -> None:
+    threads: list[int] = []
+    done = trio.Event()
+
+    async def always_ready() -> None:  # keeps the loop from resting until the write is done
+        while not done.is_set():
+            await trio.lowlevel.checkpoint()
+
+    async with primed_worker(tmp_path) as (worker, nursery):
+        nursery.start_soon(always_ready)
+        with trio.fail_after(1):
+            await worker.write(ran_on(threads))
+        done.set()
+    assert threads[0] != threading.get_ident()  # the busy loop's commit went to the thread
