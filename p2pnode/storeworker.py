@@ -252,6 +252,9 @@ class StoreWorker:
                 # commit rather than making one each, and a commit on the loop's thread then
                 # holds up no work that was ready. A loop that does not come to rest soon is
                 # busy: the commit goes to the thread. (Shielded: these changes are taken.)
+                # wait_all_tasks_blocked is trio's own test of "the loop would now wait for
+                # I/O" (MockClock's autojump uses it); it lives in trio.testing, but nothing
+                # in it is specific to tests.
                 with trio.CancelScope(shield=True) as wait:
                     wait.deadline = trio.current_time() + INLINE_COMMIT_MAX_WAIT
                     await trio.testing.wait_all_tasks_blocked()
@@ -337,10 +340,10 @@ class StoreWorker:
         ``on_start``, if given, is called when the commit that holds ``change`` begins (it
         must not block; an exception in it is logged): work that may overlap the commit, such
         as delivering a message whose outbox row is being written, starts then. If the worker
-        is idle, that commit begins with the next scheduler round, and ``on_start`` is called
-        at once, in the caller's step: the work is then under way before the store thread
-        wakes, rather than beside it (on the round trip, a seal beside a commit that had begun
-        ran 0.05-0.07 ms slower). Otherwise the worker calls it as that commit begins, so that
+        is idle, that commit begins as soon as the worker runs, and ``on_start`` is called at
+        once, in the caller's step: the work is then under way before the commit begins,
+        rather than beside it (on the round trip, a seal beside a commit that had begun ran
+        0.05-0.07 ms slower). Otherwise the worker calls it as that commit begins, so that
         under load the work keeps pace with the commits instead of running ahead of them.
 
         Raises:
