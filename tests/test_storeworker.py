@@ -257,10 +257,14 @@ async def test_the_store_thread_ends_when_idle_and_a_later_call_starts_it_again(
 
 
 @pytest.fixture
-def any_disk(monkeypatch: pytest.MonkeyPatch) -> float:
-    """The bound on a commit's time for the next to run on the loop, made generous: what these
-    tests show must hold on a slow disk too. Returns the bound."""
+def any_machine(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The bounds that follow the machine's speed made generous, so that what these tests show
+    holds on a slow disk and a busy CI machine too: a commit's time, the wait for the loop to
+    rest, and the loop's load (a test loop is mostly idle, but a shared CPU stretches its busy
+    moments). Returns the bound on a commit's time."""
     monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_SECONDS", 0.05)
+    monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_WAIT", 1.0)
+    monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_LOOP_LOAD", 0.95)
     return 0.05
 
 
@@ -274,7 +278,7 @@ def ran_on(threads: list[int]) -> Callable[[Store], None]:
 
 
 async def test_a_small_commit_after_a_fast_one_runs_on_the_loop_thread(
-    tmp_path: Path, any_disk: float
+    tmp_path: Path, any_machine: float
 ) -> None:
     store = Store.open(tmp_path / "s.db")
     worker = StoreWorker(store)
@@ -311,7 +315,9 @@ async def primed_worker(tmp_path: Path) -> AsyncIterator[tuple[StoreWorker, trio
         store.close()
 
 
-async def test_a_large_group_commits_on_the_store_thread(tmp_path: Path, any_disk: float) -> None:
+async def test_a_large_group_commits_on_the_store_thread(
+    tmp_path: Path, any_machine: float
+) -> None:
     threads: list[int] = []
     group = storeworker.INLINE_COMMIT_MAX_CHANGES + 1
     async with primed_worker(tmp_path) as (worker, _):
@@ -324,12 +330,12 @@ async def test_a_large_group_commits_on_the_store_thread(tmp_path: Path, any_dis
 
 
 async def test_after_a_slow_commit_the_next_runs_on_the_store_thread(
-    tmp_path: Path, any_disk: float
+    tmp_path: Path, any_machine: float
 ) -> None:
     threads: list[int] = []
 
     def slow_disk(_store: Store) -> None:
-        time.sleep(2 * any_disk)  # a flush that took too long
+        time.sleep(2 * any_machine)  # a flush that took too long
 
     async with primed_worker(tmp_path) as (worker, _):
         await worker.write(slow_disk)  # runs inline: the commit before it was fast
@@ -340,7 +346,7 @@ async def test_after_a_slow_commit_the_next_runs_on_the_store_thread(
 
 
 async def test_no_commit_runs_on_the_loop_thread_while_the_store_thread_reads(
-    tmp_path: Path, any_disk: float
+    tmp_path: Path, any_machine: float
 ) -> None:
     reading, release = threading.Event(), threading.Event()
     threads: list[int] = []
@@ -370,7 +376,7 @@ async def test_no_commit_runs_on_the_loop_thread_while_the_store_thread_reads(
 
 
 async def test_while_the_loop_is_busy_small_commits_run_on_the_store_thread(
-    tmp_path: Path, any_disk: float
+    tmp_path: Path, any_machine: float
 ) -> None:
     threads: list[int] = []
     async with primed_worker(tmp_path) as (worker, _):
@@ -382,7 +388,7 @@ async def test_while_the_loop_is_busy_small_commits_run_on_the_store_thread(
     assert threads[0] != threading.get_ident()  # the flush did not add to the loop's backlog
 
 
-async def test_a_burst_of_submits_makes_one_commit(tmp_path: Path, any_disk: float) -> None:
+async def test_a_burst_of_submits_makes_one_commit(tmp_path: Path, any_machine: float) -> None:
     burst = storeworker.INLINE_COMMIT_MAX_CHANGES - 1  # small enough for the loop's thread
     commits_per_burst: list[int] = []
     committed: list[int] = []
@@ -405,8 +411,9 @@ async def test_a_burst_of_submits_makes_one_commit(tmp_path: Path, any_disk: flo
 
 
 async def test_a_loop_that_never_rests_does_not_hold_a_small_commit_back(
-    tmp_path: Path, any_disk: float
+    tmp_path: Path, any_machine: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_WAIT", 0.01)  # well inside fail_after
     threads: list[int] = []
     done = trio.Event()
 
