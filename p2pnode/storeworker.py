@@ -41,7 +41,7 @@ import outcome
 import trio
 import trio.testing
 
-from p2pnode.loopload import LoopLoad, loop_load
+from p2pnode.loopload import loop_load
 from p2pnode.store import Store
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,6 @@ class StoreWorker:
         #: Seconds the last commit took; None before the first (then the disk's speed is
         #: unknown, and the commit goes to the store thread).
         self._last_commit_seconds: float | None = None
-        self._loop_load = LoopLoad()  # replaced by the run's own when run() starts
         #: Commits made, those of them run on the event loop's thread, and changes committed
         #: (for status and benchmarks).
         self.commits = 0
@@ -236,7 +235,7 @@ class StoreWorker:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Commit submitted changes until cancelled."""
-        self._loop_load = loop_load()
+        loop_load()  # start the run's load meter now: it has a history by the first decision
         task_status.started()
         while True:
             self._idle = True
@@ -268,7 +267,7 @@ class StoreWorker:
             if inline:
                 self._apply(jobs)
                 self.inline_commits += 1
-                self._loop_load.exclude(self._last_commit_seconds or 0.0)
+                loop_load().exclude(self._last_commit_seconds or 0.0)
                 self._report(jobs)
             else:
                 await self._thread.call(
@@ -292,7 +291,7 @@ class StoreWorker:
             and last is not None
             and last <= INLINE_COMMIT_MAX_SECONDS
             and not self._thread.busy
-            and self._loop_load.load <= INLINE_COMMIT_MAX_LOOP_LOAD
+            and loop_load().load <= INLINE_COMMIT_MAX_LOOP_LOAD
         )
 
     def _report(self, jobs: list[_Job[Any]]) -> None:

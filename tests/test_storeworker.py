@@ -330,19 +330,20 @@ async def test_a_large_group_commits_on_the_store_thread(
 
 
 async def test_after_a_slow_commit_the_next_runs_on_the_store_thread(
-    tmp_path: Path, any_machine: float
+    tmp_path: Path, any_machine: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[int] = []
-
-    def slow_disk(_store: Store) -> None:
-        time.sleep(2 * any_machine)  # a flush that took too long
-
     async with primed_worker(tmp_path) as (worker, _):
-        await worker.write(slow_disk)  # runs inline: the commit before it was fast
+        await worker.write(ran_on(threads))  # runs inline: the commit before it was fast
+        # Judged against a bound of 0, that commit (however quick) took too long: a slow disk.
+        monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_SECONDS", 0.0)
         await worker.write(ran_on(threads))  # so the loop is not held up twice
+        monkeypatch.setattr(storeworker, "INLINE_COMMIT_MAX_SECONDS", any_machine)
         await worker.write(ran_on(threads))  # and once the disk is fast again, inline
-    assert threads[0] != threading.get_ident()
-    assert threads[1] == threading.get_ident()
+    loop_thread = threading.get_ident()
+    assert threads[0] == loop_thread
+    assert threads[1] != loop_thread
+    assert threads[2] == loop_thread
 
 
 async def test_no_commit_runs_on_the_loop_thread_while_the_store_thread_reads(
